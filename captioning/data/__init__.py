@@ -1,0 +1,1 @@
+"""Datasets, tokenizer, vocabulary and the Lightning data module (no model code here)."""

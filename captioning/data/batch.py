@@ -1,0 +1,40 @@
+"""The batch structure the data module hands to the model side."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from captioning.data.datasets import DatasetItem
+from captioning.data.vocab import Vocabulary
+
+
+@dataclass
+class CaptionBatch:
+    """Images with their captions; several captions may belong to one image.
+
+    ``caption_image_index[j]`` is the row of ``images`` that caption ``j`` describes, so the
+    encoder runs once per image however many captions it has.
+    """
+
+    images: torch.Tensor  # (batch, 3, H, W)
+    image_ids: torch.Tensor  # (batch,)
+    tokens: torch.Tensor  # (num_captions, max_len): <bos> words <eos>, then <pad>=0
+    lengths: torch.Tensor  # (num_captions,) tokens per caption, <bos> and <eos> included
+    caption_image_index: torch.Tensor  # (num_captions,)
+
+
+def collate_captions(items: Sequence[DatasetItem]) -> CaptionBatch:
+    """Stack images and pad every caption in the batch to the longest one."""
+    captions = [caption for item in items for caption in item.captions]
+    owners = [row for row, item in enumerate(items) for _ in item.captions]
+    tokens = (pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD_ID)
+              if captions else torch.zeros(0, 0, dtype=torch.long))
+    return CaptionBatch(
+        images=torch.stack([item.image for item in items]),
+        image_ids=torch.tensor([item.image_id for item in items]),
+        tokens=tokens,
+        lengths=torch.tensor([len(c) for c in captions], dtype=torch.long),
+        caption_image_index=torch.tensor(owners, dtype=torch.long),
+    )

@@ -1,0 +1,293 @@
+"""Built-in synthetic dataset "shapes": small images of coloured shapes with human-like captions.
+
+It lets ``python train.py`` run end to end with no download, through the same COCO-format files,
+loader, tokenizer and vocabulary as real data. Generation is seeded and deterministic (same config,
+same bytes). The dataset is written to a temporary sibling folder and renamed into place, with a
+manifest of every file's SHA-256 written last, so a half-written or altered dataset is detected and
+regenerated instead of silently used.
+"""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 200, 30),
+    "purple": (135, 55, 175),
+    "orange": (245, 135, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+
+# Words a caption may use for each canonical attribute (repeats weight the common choice).
+SHAPE_WORDS = {
+    "circle": ("circle", "circle", "disc"),
+    "square": ("square",),
+    "triangle": ("triangle",),
+    "diamond": ("diamond", "diamond", "rhombus"),
+}
+COLOR_WORDS = {color: (color,) for color in COLORS} | {"purple": ("purple", "purple", "violet")}
+SIZE_WORDS = {"small": ("small", "small", "little", "tiny"), "large": ("large", "big")}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+OBJECT_WORDS = ("shapes", "shapes", "objects", "figures")
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """What to generate; any change produces a different dataset (the manifest records it)."""
+
+    num_train: int = 1500
+    num_val: int = 100
+    num_test: int = 200
+    image_size: int = 64
+    captions_per_image: int = 5
+    seed: int = 0
+
+    def num_images(self, split: str) -> int:
+        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    """One shape in a scene; ``x``, ``y`` are its centre and ``extent`` its width in pixels."""
+
+    shape: str
+    color: str
+    size: str
+    x: float
+    y: float
+    extent: float
+
+
+def ensure_shapes_dataset(root: str | os.PathLike, config: ShapesConfig) -> Path:
+    """Return ``root`` once it holds a verified shapes dataset for ``config``, generating it if needed.
+
+    Raises ``FileExistsError`` if ``root`` holds files that this generator did not write (no
+    manifest): those are never deleted.
+    """
+    root = Path(root)
+    if verify_shapes_dataset(root, config):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # other processes (e.g. DDP ranks) wait, then find it ready
+        if not verify_shapes_dataset(root, config):
+            _generate(root, config)
+    return root
+
+
+def _generate(root: Path, config: ShapesConfig) -> None:
+    if root.exists() and any(root.iterdir()) and not (root / MANIFEST_NAME).exists():
+        raise FileExistsError(
+            f"{root} is not empty and has no {MANIFEST_NAME}, so it was not written by the shapes "
+            "generator; move it away or point data.root elsewhere (it is never deleted automatically)"
+        )
+    if root.exists():
+        log.warning("shapes dataset at %s is incomplete, altered or from another config: regenerating", root)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        log.info("generating the shapes dataset in %s", root)
+        write_shapes_dataset(staging, config)
+        _replace_directory(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_shapes_dataset(root: Path, config: ShapesConfig) -> bool:
+    """True when ``root`` has a manifest for ``config`` and every listed file has its recorded hash."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("generator_version") != GENERATOR_VERSION or manifest.get("config") != asdict(config):
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for relative_path, digest in files.items():
+        try:
+            if _sha256(root / relative_path) != digest:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def write_shapes_dataset(root: Path, config: ShapesConfig) -> None:
+    """Write images, ``annotations/captions_{split}.json`` and, last, the manifest under ``root``."""
+    files: dict[str, str] = {}
+    next_image_id, next_caption_id = 1, 1
+    for split_index, split in enumerate(SPLITS):
+        rng = random.Random(f"shapes/{config.seed}/{split}")
+        noise = np.random.default_rng([config.seed, split_index])
+        image_dir = root / "images" / split
+        image_dir.mkdir(parents=True)
+        images, annotations = [], []
+        for _ in range(config.num_images(split)):
+            scene = sample_scene(rng, config.image_size)
+            file_name = f"{next_image_id:06d}.png"
+            render_scene(scene, config.image_size, noise).save(image_dir / file_name, optimize=False)
+            files[f"images/{split}/{file_name}"] = _sha256(image_dir / file_name)
+            images.append({
+                "id": next_image_id, "file_name": file_name,
+                "width": config.image_size, "height": config.image_size,
+                "shapes": [asdict(s) for s in scene],
+            })
+            for caption in describe_scene(scene, rng, config.captions_per_image, config.image_size):
+                annotations.append({"id": next_caption_id, "image_id": next_image_id, "caption": caption})
+                next_caption_id += 1
+            next_image_id += 1
+        coco = {
+            "info": {"description": f"captioning built-in shapes dataset, {split} split",
+                     "version": str(GENERATOR_VERSION)},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+        }
+        annotation_file = root / "annotations" / f"captions_{split}.json"
+        annotation_file.parent.mkdir(exist_ok=True)
+        annotation_file.write_text(json.dumps(coco, indent=1))
+        files[f"annotations/{annotation_file.name}"] = _sha256(annotation_file)
+    manifest = {"generator_version": GENERATOR_VERSION, "config": asdict(config), "files": files}
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def sample_scene(rng: random.Random, image_size: int) -> list[PlacedShape]:
+    """1-3 shapes in distinct columns, ordered left to right."""
+    count = rng.choice((1, 2, 2, 3, 3))
+    column_width = image_size / count
+    scene = []
+    for column in range(count):
+        size = rng.choice(SIZES)
+        extent = image_size * (0.36 if size == "large" else 0.2) * (1.0 if count < 3 else 0.8)
+        margin = extent / 2 + 1
+        x_low = max(column * column_width + margin, margin)
+        x_high = min((column + 1) * column_width - margin, image_size - margin)
+        x = rng.uniform(x_low, max(x_low, x_high))
+        y = rng.uniform(margin, image_size - margin)
+        scene.append(PlacedShape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), size, x, y, extent))
+    return scene
+
+
+def render_scene(scene: list[PlacedShape], image_size: int, noise: np.random.Generator) -> Image.Image:
+    """Draw the scene anti-aliased (supersampled) on a light, slightly noisy background."""
+    scale = SUPERSAMPLE
+    background = tuple(int(v) for v in noise.integers(225, 256, size=3))
+    canvas = Image.new("RGB", (image_size * scale, image_size * scale), background)
+    draw = ImageDraw.Draw(canvas)
+    for shape in scene:
+        jitter = noise.integers(-15, 16, size=3)
+        color = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[shape.color], jitter))
+        cx, cy, r = shape.x * scale, shape.y * scale, shape.extent * scale / 2
+        if shape.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+        elif shape.shape == "square":
+            side = r * 0.9
+            draw.rectangle((cx - side, cy - side, cx + side, cy + side), fill=color)
+        elif shape.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=color)
+    pixels = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.LANCZOS), dtype=np.int16)
+    pixels = pixels + noise.integers(-6, 7, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def describe_scene(scene: list[PlacedShape], rng: random.Random, count: int, image_size: int) -> list[str]:
+    """``count`` distinct captions that vary as human ones do: synonyms, order, optional details."""
+    templates = {1: _ONE_SHAPE, 2: _TWO_SHAPES, 3: _THREE_SHAPES}[len(scene)]
+    captions: list[str] = []
+    for _ in range(count * 50):
+        caption = rng.choice(templates)(scene, rng, _region(scene[0], image_size))
+        if caption not in captions:
+            captions.append(caption)
+        if len(captions) == count:
+            return captions
+    raise RuntimeError(f"could not write {count} distinct captions for {scene}")
+
+
+def _phrase(shape: PlacedShape, rng: random.Random, size_probability: float = 0.5) -> str:
+    """``"[size] colour shape"``, the size said only sometimes."""
+    words = [rng.choice(COLOR_WORDS[shape.color]), rng.choice(SHAPE_WORDS[shape.shape])]
+    if rng.random() < size_probability:
+        words.insert(0, rng.choice(SIZE_WORDS[shape.size]))
+    return " ".join(words)
+
+
+def _article(phrase: str) -> str:
+    return f"an {phrase}" if phrase[0] in "aeiou" else f"a {phrase}"
+
+
+def _region(shape: PlacedShape, image_size: int) -> str:
+    """Where a lone shape sits, by thirds of the image: "top left", "middle", "bottom", ..."""
+    row, column = (min(int(3 * v / image_size), 2) for v in (shape.y, shape.x))
+    return _REGIONS[row][column]
+
+
+_REGIONS = (("top left", "top", "top right"), ("left", "middle", "right"),
+            ("bottom left", "bottom", "bottom right"))
+
+
+def _shape_listing(shapes: list[PlacedShape], rng: random.Random) -> str:
+    phrases = [_article(_phrase(s, rng)) for s in shapes]
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+_ONE_SHAPE = (
+    lambda s, r, where: _article(_phrase(s[0], r)),
+    lambda s, r, where: f"{_article(_phrase(s[0], r))} on a {r.choice(('white', 'plain', 'light'))} background",
+    lambda s, r, where: f"there is {_article(_phrase(s[0], r))} in the {where}",
+    lambda s, r, where: f"a single {_phrase(s[0], r)}",
+    lambda s, r, where: f"one {_phrase(s[0], r)} in the {where} of the image",
+    lambda s, r, where: f"a picture of {_article(_phrase(s[0], r))}",
+    lambda s, r, where: f"{_article(_phrase(s[0], r, 0.8))} near the {where}",
+)
+_TWO_SHAPES = (
+    lambda s, r, where: f"{_article(_phrase(s[0], r))} {r.choice(('left of', 'to the left of'))} {_article(_phrase(s[1], r))}",
+    lambda s, r, where: f"{_article(_phrase(s[1], r))} {r.choice(('right of', 'to the right of'))} {_article(_phrase(s[0], r))}",
+    lambda s, r, where: _shape_listing(s, r),
+    lambda s, r, where: f"two {r.choice(OBJECT_WORDS)}: {_shape_listing(r.sample(s, 2), r)}",
+    lambda s, r, where: f"{_article(_phrase(s[0], r))} next to {_article(_phrase(s[1], r))}",
+    lambda s, r, where: f"{_shape_listing(r.sample(s, 2), r)} side by side",
+)
+_THREE_SHAPES = (
+    lambda s, r, where: f"three {r.choice(OBJECT_WORDS)}: {_shape_listing(s, r)}",
+    lambda s, r, where: f"{_shape_listing(s, r)} from left to right",
+    lambda s, r, where: f"{_article(_phrase(s[0], r))} left of {_shape_listing(s[1:], r)}",
+    lambda s, r, where: f"{_article(_phrase(s[1], r))} between {_shape_listing([s[0], s[2]], r)}",
+    lambda s, r, where: f"three {r.choice(OBJECT_WORDS)} including {_article(_phrase(r.choice(s), r))}",
+    lambda s, r, where: _shape_listing(r.sample(s, 3), r),
+)
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, removing a stale generated ``target`` first."""
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+        os.replace(target, stale / target.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(source, target)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` components: tensors in, tensors out (no Lightning, Hydra or files)."""

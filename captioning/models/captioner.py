@@ -1,0 +1,40 @@
+"""The captioning network: a CNN encoder feeding a recurrent decoder."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from captioning.models.decoders import ShowTellDecoder
+from captioning.models.encoders import CNNEncoder, EncodedImages
+
+DECODERS: dict[str, type[nn.Module]] = {"show_tell": ShowTellDecoder}
+
+
+class Captioner(nn.Module):
+    """Encoder + decoder. ``forward`` is the teacher-forced pass; decoding lives in ``captioning.decoding``."""
+
+    def __init__(self, encoder: CNNEncoder, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                caption_image_index: torch.Tensor) -> torch.Tensor:
+        """Logits (num_captions, max_len - 1, vocab) for ``tokens[:, 1:]``; images are encoded once each."""
+        features = self.encoder(images).select(caption_image_index)
+        return self.decoder(features, tokens, lengths)
+
+    def encode(self, images: torch.Tensor) -> EncodedImages:
+        return self.encoder(images)
+
+
+def build_captioner(vocab_size: int, encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> Captioner:
+    """Build from plain settings (as stored in checkpoints), e.g. ``decoder={"type": "show_tell", ...}``."""
+    decoder = dict(decoder)
+    kind = decoder.pop("type", "show_tell")
+    if kind not in DECODERS:
+        raise ValueError(f"unknown decoder type {kind!r}; choose one of {sorted(DECODERS)}")
+    cnn = CNNEncoder(**encoder)
+    return Captioner(cnn, DECODERS[kind](vocab_size=vocab_size, encoder_dim=cnn.output_dim, **decoder))

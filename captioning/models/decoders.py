@@ -1,0 +1,99 @@
+"""Recurrent caption decoders behind one step interface.
+
+Every decoder offers ``init_state(features)``, ``step(tokens, state, features) -> (logits, state)``
+and a teacher-forced ``forward`` over whole captions, so each decoding strategy is written once.
+A state is a tuple of tensors shaped ``(num_layers, batch, hidden_size)``: ``(h,)`` or ``(h, c)``.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from captioning.models.encoders import EncodedImages
+
+State = tuple[torch.Tensor, ...]
+
+RNN_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+def select_state(state: State, index: torch.Tensor) -> State:
+    """Rows ``index`` of every state tensor (to follow beams or drop finished captions)."""
+    return tuple(s[:, index] for s in state)
+
+
+class ShowTellDecoder(nn.Module):
+    """Show and Tell (Vinyals et al., 2015): an RNN conditioned on the global image vector.
+
+    ``condition="input"`` feeds the projected image as the first input (the NIC paper);
+    ``condition="state"`` maps it to the initial hidden (and cell) state instead.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int,
+        embed_dim: int = 256,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.3,
+        cell: str = "lstm",
+        condition: str = "input",
+    ) -> None:
+        super().__init__()
+        if cell not in RNN_CELLS:
+            raise ValueError(f"decoder cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
+        if condition not in ("input", "state"):
+            raise ValueError(f"decoder condition must be 'input' or 'state', got {condition!r}")
+        self.cell, self.condition = cell, condition
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        extra = {"nonlinearity": "tanh"} if cell == "rnn" else {}
+        self.rnn = RNN_CELLS[cell](embed_dim, hidden_size, num_layers, batch_first=True,
+                                   dropout=dropout if num_layers > 1 else 0.0, **extra)
+        state_parts = 2 if cell == "lstm" else 1
+        projected = embed_dim if condition == "input" else state_parts * num_layers * hidden_size
+        self.image_projection = nn.Linear(encoder_dim, projected)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(hidden_size, vocab_size)
+
+    def init_state(self, features: EncodedImages) -> State:
+        """The state from which the first word (after ``<bos>``) is predicted."""
+        image = self.image_projection(features.global_features)  # (batch, projected)
+        if self.condition == "input":
+            _, state = self._run(self.dropout(image).unsqueeze(1), None)
+            return state
+        parts = torch.tanh(image).view(image.shape[0], -1, self.num_layers, self.hidden_size)
+        return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
+
+    def step(self, tokens: torch.Tensor, state: State, features: EncodedImages) -> tuple[torch.Tensor, State]:
+        """One word for every row: tokens (batch,) -> logits (batch, vocab_size)."""
+        embedded = self.dropout(self.embedding(tokens)).unsqueeze(1)  # (batch, 1, embed_dim)
+        output, state = self._run(embedded, state)  # (batch, 1, hidden_size)
+        return self.output(self.dropout(output.squeeze(1))), state
+
+    def forward(self, features: EncodedImages, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (batch, max_len - 1, vocab) predicting ``tokens[:, 1:]``.
+
+        Packed sequences keep the RNN off the padding; padded positions' logits are zeros-in,
+        garbage-out and must be masked by the loss.
+        """
+        inputs = self.dropout(self.embedding(tokens[:, :-1]))  # (batch, max_len - 1, embed_dim)
+        steps = lengths - 1
+        if self.condition == "input":
+            image = self.dropout(self.image_projection(features.global_features)).unsqueeze(1)
+            inputs, steps, state = torch.cat([image, inputs], dim=1), lengths, None
+        else:
+            state = self.init_state(features)
+        packed = pack_padded_sequence(inputs, steps.cpu(), batch_first=True, enforce_sorted=False)
+        output, _ = self._run(packed, state)
+        hidden, _ = pad_packed_sequence(output, batch_first=True, total_length=inputs.shape[1])
+        if self.condition == "input":
+            hidden = hidden[:, 1:]  # the step that read the image predicts nothing
+        return self.output(self.dropout(hidden))  # (batch, max_len - 1, vocab_size)
+
+    def _run(self, inputs, state: State | None):
+        """Call the torch RNN with our tuple state convention."""
+        if state is not None and self.cell != "lstm":
+            state = state[0]
+        output, new_state = self.rnn(inputs, state)
+        return output, (new_state if self.cell == "lstm" else (new_state,))

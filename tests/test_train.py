@@ -1,0 +1,72 @@
+"""train.py's own code path, composed with Hydra's compose API on a tiny dataset."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from pycocotools.coco import COCO
+
+import train
+from tests.conftest import PROJECT_ROOT, TINY_SHAPES
+
+TINY_OVERRIDES = [
+    f"data.generate_shapes.num_train={TINY_SHAPES.num_train}",
+    f"data.generate_shapes.num_val={TINY_SHAPES.num_val}",
+    f"data.generate_shapes.num_test={TINY_SHAPES.num_test}",
+    f"data.generate_shapes.seed={TINY_SHAPES.seed}",
+    "data.batch_size=8",
+    "data.min_word_count=1",
+    "model.decoder.embed_dim=16",
+    "model.decoder.hidden_size=32",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+]
+
+
+def _config(tmp_path: Path, data_dir: Path, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.paths.data_dir = str(data_dir)
+    return cfg
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_the_best_checkpoint(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    metrics = train.run(_config(tmp_path / "fit", data_dir, []))
+
+    output = tmp_path / "fit"
+    best, last = output / "checkpoints" / "best.ckpt", output / "checkpoints" / "last.ckpt"
+    assert best.is_file() and last.is_file()
+    checkpoint = torch.load(best, weights_only=True)  # plain types only, as the design requires
+    assert checkpoint["hyper_parameters"]["vocab"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+    written = json.loads((output / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    for name in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert 0.0 <= written[f"test/{name}"] and written[f"human_loo/{name}"] > 0.0
+    assert written["human_loo/Bleu_1"] > 0.5
+
+    results_file = output / "test_captions.json"
+    results = json.loads(results_file.read_text())
+    coco = COCO(str(data_dir / "shapes" / "annotations" / "captions_test.json"))
+    assert sorted(r["image_id"] for r in results) == sorted(coco.getImgIds())
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+    coco.loadRes(str(results_file))  # the official results format
+
+    rescored = train.run(_config(tmp_path / "eval", data_dir, ["train=false", f"ckpt_path={best}"]))
+    assert rescored == pytest.approx(metrics, abs=1e-12)
+    assert json.loads((tmp_path / "eval" / "test_captions.json").read_text()) == results
+
+
+def test_evaluating_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ckpt_path"):
+        train.run(_config(tmp_path, tmp_path / "data", ["train=false"]))

@@ -1,0 +1,98 @@
+"""Train and/or evaluate a captioning model: ``python train.py [hydra overrides]``.
+
+``python train.py`` fits the default experiment, then scores the test split with the best
+checkpoint; ``python train.py train=false ckpt_path=X`` only scores checkpoint X.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402 - CAPTIONING_ROOT must be set before the config is composed
+import pytorch_lightning as pl  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    return metrics.get("test/CIDEr")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Fit and/or test as ``cfg`` says; returns the final metrics (also written to metrics.json)."""
+    if not cfg.train and not cfg.ckpt_path:
+        raise ValueError("train=false needs ckpt_path=<checkpoint to evaluate>")
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    model = instantiate(cfg.model, vocab=datamodule.vocab.tokens)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if not cfg.test:
+        return metrics
+
+    trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer))
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
+    if trainer.is_global_zero:
+        with CocoCaptionEvaluator(datamodule.references("test")) as evaluator:
+            metrics |= {f"human_loo/{name}": value for name, value in evaluator.human_agreement().items()}
+        _write_outputs(output_dir, metrics, model.test_captions)
+        _print_table(metrics)
+        log.info("outputs in %s", output_dir)
+    return metrics
+
+
+def _checkpoint_to_test(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
+    """The best checkpoint after fitting; ``ckpt_path`` when only evaluating."""
+    if not cfg.train:
+        return cfg.ckpt_path
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("no best checkpoint was saved (no validation?): testing the final weights")
+        return None
+    return best
+
+
+def _write_outputs(output_dir: Path, metrics: dict[str, float], captions: dict[int, str]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    results = [{"image_id": image_id, "caption": caption} for image_id, caption in sorted(captions.items())]
+    (output_dir / "test_captions.json").write_text(json.dumps(results, indent=1))
+
+
+def _print_table(metrics: dict[str, float]) -> None:
+    table = Table(title="Test split")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    table.add_column("human (leave-one-out)", justify="right")
+    for name in METRICS:
+        if f"test/{name}" in metrics:
+            human = metrics.get(f"human_loo/{name}")
+            table.add_row(name, f"{metrics[f'test/{name}']:.4f}", f"{human:.4f}" if human is not None else "-")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,3 +1,5 @@
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,20 @@ def test_missing_split_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks \\['test'\\]"):
         CaptionDataModule(tmp_path, {k: v for k, v in SPLITS.items() if k != "test"})
 
+
+
+def test_images_without_captions_are_skipped_and_counted(tiny_shapes: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_shapes, root)
+    annotation_file = root / "annotations" / "captions_val.json"
+    data = json.loads(annotation_file.read_text())
+    dropped = data["images"][0]["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != dropped]
+    annotation_file.write_text(json.dumps(data))
+    datamodule = CaptionDataModule(root, SPLITS, image_size=64, min_word_count=1)
+    with caplog.at_level("WARNING"):
+        datamodule.setup()
+    assert "skipped 1 images that have no caption" in caplog.text
+    assert dropped not in datamodule.references("val")
+    assert len(datamodule.references("val")) == TINY_SHAPES.num_val - 1

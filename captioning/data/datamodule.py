@@ -69,7 +69,11 @@ class CaptionDataModule(pl.LightningDataModule):
             return
         for split in SPLITS:
             paths = self.splits[split]
-            self._images[split] = load_coco_captions(self.root / paths["annotations"], self.root / paths["images"])
+            images = load_coco_captions(self.root / paths["annotations"], self.root / paths["images"])
+            self._images[split] = [image for image in images if image.captions]
+            if len(self._images[split]) < len(images):
+                log.warning("%s: skipped %d images that have no caption", self.root / paths["annotations"],
+                            len(images) - len(self._images[split]))
         train_tokens = [tokenize(c) for image in self._images["train"] for c in image.captions]
         self.vocab = Vocabulary.build(train_tokens, self.min_word_count)
         self._log_statistics(train_tokens)

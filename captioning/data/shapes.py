@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 
@@ -40,13 +40,13 @@ SIZES = ("small", "large")
 
 # Words a caption may use for each canonical attribute (repeats weight the common choice).
 SHAPE_WORDS = {
-    "circle": ("circle", "circle", "disc"),
+    "circle": ("circle", "circle", "circle", "disc", "dot"),
     "square": ("square",),
     "triangle": ("triangle",),
     "diamond": ("diamond", "diamond", "rhombus"),
 }
 COLOR_WORDS = {color: (color,) for color in COLORS} | {"purple": ("purple", "purple", "violet")}
-SIZE_WORDS = {"small": ("small", "small", "little", "tiny"), "large": ("large", "big")}
+SIZE_WORDS = {"small": ("small", "small", "little", "tiny"), "large": ("large", "big", "big")}
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 OBJECT_WORDS = ("shapes", "shapes", "objects", "figures")
 SUPERSAMPLE = 4
@@ -253,30 +253,43 @@ def _shape_listing(shapes: list[PlacedShape], rng: random.Random) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def _opener(rng: random.Random) -> str:
+    """How people start a description: "", "an image of", "a drawing of", ..."""
+    return rng.choice(("", "", "", "an image of ", "a picture of ", "a drawing of ", "a simple image with "))
+
+
+def _background(rng: random.Random) -> str:
+    return rng.choice(("", "", " on a white background", " on a plain background", " against a light background"))
+
+
 _ONE_SHAPE = (
-    lambda s, r, where: _article(_phrase(s[0], r)),
-    lambda s, r, where: f"{_article(_phrase(s[0], r))} on a {r.choice(('white', 'plain', 'light'))} background",
+    lambda s, r, where: f"{_opener(r)}{_article(_phrase(s[0], r))}{_background(r)}",
     lambda s, r, where: f"there is {_article(_phrase(s[0], r))} in the {where}",
-    lambda s, r, where: f"a single {_phrase(s[0], r)}",
+    lambda s, r, where: f"a single {_phrase(s[0], r)}{_background(r)}",
     lambda s, r, where: f"one {_phrase(s[0], r)} in the {where} of the image",
-    lambda s, r, where: f"a picture of {_article(_phrase(s[0], r))}",
     lambda s, r, where: f"{_article(_phrase(s[0], r, 0.8))} near the {where}",
+    lambda s, r, where: f"{_opener(r)}{_article(_phrase(s[0], r))} {r.choice(('placed', 'sitting', 'drawn'))} in the {where}",
+    lambda s, r, where: f"only one shape, {_article(_phrase(s[0], r))}",
 )
 _TWO_SHAPES = (
     lambda s, r, where: f"{_article(_phrase(s[0], r))} {r.choice(('left of', 'to the left of'))} {_article(_phrase(s[1], r))}",
     lambda s, r, where: f"{_article(_phrase(s[1], r))} {r.choice(('right of', 'to the right of'))} {_article(_phrase(s[0], r))}",
-    lambda s, r, where: _shape_listing(s, r),
-    lambda s, r, where: f"two {r.choice(OBJECT_WORDS)}: {_shape_listing(r.sample(s, 2), r)}",
-    lambda s, r, where: f"{_article(_phrase(s[0], r))} next to {_article(_phrase(s[1], r))}",
+    lambda s, r, where: f"{_opener(r)}{_shape_listing(s, r)}{_background(r)}",
+    lambda s, r, where: f"{r.choice(('', 'there are '))}two {r.choice(OBJECT_WORDS)}: {_shape_listing(r.sample(s, 2), r)}",
+    lambda s, r, where: f"{_article(_phrase(s[0], r))} {r.choice(('next to', 'beside'))} {_article(_phrase(s[1], r))}",
     lambda s, r, where: f"{_shape_listing(r.sample(s, 2), r)} side by side",
+    lambda s, r, where: f"{_article(_phrase(s[0], r))} on the left and {_article(_phrase(s[1], r))} on the right",
+    lambda s, r, where: f"two {r.choice(OBJECT_WORDS)} including {_article(_phrase(r.choice(s), r))}",
 )
 _THREE_SHAPES = (
-    lambda s, r, where: f"three {r.choice(OBJECT_WORDS)}: {_shape_listing(s, r)}",
+    lambda s, r, where: f"{r.choice(('', 'there are '))}three {r.choice(OBJECT_WORDS)}: {_shape_listing(s, r)}",
     lambda s, r, where: f"{_shape_listing(s, r)} from left to right",
     lambda s, r, where: f"{_article(_phrase(s[0], r))} left of {_shape_listing(s[1:], r)}",
     lambda s, r, where: f"{_article(_phrase(s[1], r))} between {_shape_listing([s[0], s[2]], r)}",
     lambda s, r, where: f"three {r.choice(OBJECT_WORDS)} including {_article(_phrase(r.choice(s), r))}",
-    lambda s, r, where: _shape_listing(r.sample(s, 3), r),
+    lambda s, r, where: f"{_opener(r)}{_shape_listing(r.sample(s, 3), r)}{_background(r)}",
+    lambda s, r, where: f"{_shape_listing(s, r)} in a row",
+    lambda s, r, where: f"a row of three {r.choice(OBJECT_WORDS)} with {_article(_phrase(s[1], r))} in the middle",
 )
 
 

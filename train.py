@@ -9,18 +9,19 @@ import logging
 import os
 from pathlib import Path
 
-os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
 
-import hydra  # noqa: E402 - CAPTIONING_ROOT must be set before the config is composed
-import pytorch_lightning as pl  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator  # noqa: E402
+from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator
 
 log = logging.getLogger("train")
+
+# conf/paths resolves the project root (and so data/ and logs/) from this, when the config is composed
+os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -44,8 +45,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    run_config = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(OmegaConf.to_container(run_config, resolve=True))
 
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

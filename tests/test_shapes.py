@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from captioning.data.shapes import (
-    COLOR_WORDS, COUNT_WORDS, MANIFEST_NAME, SHAPE_WORDS, SIZE_WORDS, ShapesConfig, ensure_shapes_dataset,
+    COLOR_WORDS, MANIFEST_NAME, SHAPE_WORDS, SIZE_WORDS, ShapesConfig, ensure_shapes_dataset,
     verify_shapes_dataset,
 )
 from captioning.data.tokenize import tokenize
 from tests.conftest import TINY_SHAPES
 
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SMALL = ShapesConfig(num_train=6, num_val=3, num_test=3, image_size=64, seed=11)
 
 

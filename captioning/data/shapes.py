@@ -47,7 +47,6 @@ SHAPE_WORDS = {
 }
 COLOR_WORDS = {color: (color,) for color in COLORS} | {"purple": ("purple", "purple", "violet")}
 SIZE_WORDS = {"small": ("small", "small", "little", "tiny"), "large": ("large", "big", "big")}
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 OBJECT_WORDS = ("shapes", "shapes", "objects", "figures")
 SUPERSAMPLE = 4
 

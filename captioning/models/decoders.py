@@ -7,7 +7,7 @@ A state is a tuple of tensors shaped ``(num_layers, batch, hidden_size)``: ``(h,
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from captioning.models.encoders import EncodedImages
 
@@ -109,7 +109,8 @@ class ShowTellDecoder(nn.Module):
             embedded = torch.cat([embedded, image.unsqueeze(1).expand_as(embedded)], dim=-1)
         return self.dropout(embedded)
 
-    def _run(self, inputs, state: State | None):
+    def _run(self, inputs: torch.Tensor | PackedSequence, state: State | None
+             ) -> tuple[torch.Tensor | PackedSequence, State]:
         """Call the torch RNN with our tuple state convention."""
         if state is not None and self.cell != "lstm":
             state = state[0]

@@ -56,7 +56,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
     trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer))
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("test/")}
+    # the evaluator's float64 numbers, not the float32 copies Lightning logs
+    metrics = {"test/loss": float(trainer.callback_metrics["test/loss"]), **model.test_metrics}
     if trainer.is_global_zero:
         with CocoCaptionEvaluator(datamodule.references("test")) as evaluator:
             metrics |= {f"human_loo/{name}": value for name, value in evaluator.human_agreement().items()}

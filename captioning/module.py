@@ -49,6 +49,7 @@ class CaptioningModule(pl.LightningModule):
         self._predictions: dict[int, list[int]] = {}
         self._evaluators: dict[str, CocoCaptionEvaluator] = {}
         self.test_captions: dict[int, str] = {}
+        self.test_metrics: dict[str, float] = {}
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
         logits = self.captioner(batch.images, batch.tokens, batch.lengths, batch.caption_image_index)
@@ -88,10 +89,11 @@ class CaptioningModule(pl.LightningModule):
             return
         captions = {i: detokenize(self.vocab.decode(tokens)) for i, tokens in sorted(predictions.items())}
         metrics = self._evaluator(stage).score(captions).metrics if self.trainer.is_global_zero else None
-        metrics = broadcast_from_rank_zero(metrics)
+        metrics = broadcast_from_rank_zero(metrics)  # float64, as the evaluator computed them
         self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, sync_dist=False)
         if stage == "test":
             self.test_captions = captions
+            self.test_metrics = {f"test/{name}": value for name, value in metrics.items()}
 
     def _evaluator(self, stage: str) -> CocoCaptionEvaluator:
         if stage not in self._evaluators:

@@ -10,8 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from pycocotools.coco import COCO
 
-import train
+from captioning.evaluation.coco import CocoCaptionEvaluator
 from tests.conftest import PROJECT_ROOT, TINY_SHAPES
+import train
 
 TINY_OVERRIDES = [
     f"data.generate_shapes.num_train={TINY_SHAPES.num_train}",
@@ -61,6 +62,11 @@ def test_train_then_evaluate_the_best_checkpoint(tmp_path: Path) -> None:
     assert sorted(r["image_id"] for r in results) == sorted(coco.getImgIds())
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
     coco.loadRes(str(results_file))  # the official results format
+    references = {i: [a["caption"] for a in coco.imgToAnns[i]] for i in coco.getImgIds()}
+    with CocoCaptionEvaluator(references) as evaluator:  # metrics.json scores exactly these captions
+        scored = evaluator.score({r["image_id"]: r["caption"] for r in results}).metrics
+    assert {f"test/{name}": value for name, value in scored.items()} == {
+        name: value for name, value in written.items() if name.startswith("test/") and name != "test/loss"}
 
     rescored = train.run(_config(tmp_path / "eval", data_dir, ["train=false", f"ckpt_path={best}"]))
     assert rescored == pytest.approx(metrics, abs=1e-12)

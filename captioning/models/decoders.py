@@ -16,11 +16,6 @@ State = tuple[torch.Tensor, ...]
 RNN_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
-def select_state(state: State, index: torch.Tensor) -> State:
-    """Rows ``index`` of every state tensor (to follow beams or drop finished captions)."""
-    return tuple(s[:, index] for s in state)
-
-
 CONDITIONS = ("input", "state", "every_step")
 
 

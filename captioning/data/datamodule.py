@@ -11,14 +11,12 @@ from torch.utils.data import DataLoader
 
 from captioning.data.batch import CaptionBatch, collate_captions
 from captioning.data.datasets import CaptionDataset, CaptionedImage, load_coco_captions
-from captioning.data.shapes import ShapesConfig, ensure_shapes_dataset
+from captioning.data.shapes import SPLITS, ShapesConfig, ensure_shapes_dataset
 from captioning.data.tokenize import tokenize
 from captioning.data.transforms import build_image_transform
 from captioning.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 class CaptionDataModule(pl.LightningDataModule):

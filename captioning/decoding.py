@@ -1,5 +1,11 @@
-"""Caption decoding strategies, written once against the decoder step interface."""
+"""Caption decoding strategies, written once against the decoder step interface.
 
+Every strategy returns token ids with ``<eos>`` and everything after it as ``<pad>``, the sum of
+the chosen words' log-probabilities (``<eos>`` included) and, for attention decoders, the
+attention weights behind every generated word. ``<pad>`` and ``<bos>`` are never generated.
+"""
+
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,31 +16,142 @@ from captioning.models.encoders import EncodedImages
 
 @dataclass
 class DecodedCaptions:
-    """Generated token ids (``<eos>`` and after replaced by ``<pad>``) and their log-probabilities."""
+    """Generated captions, one row per caption."""
 
-    tokens: torch.Tensor  # (batch, max_generated)
-    log_probs: torch.Tensor  # (batch,) sum of the chosen words' log-probabilities, <eos> included
+    tokens: torch.Tensor  # (rows, max_generated)
+    log_probs: torch.Tensor  # (rows,)
+    attention: torch.Tensor | None = None  # (rows, max_generated, num_pixels)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int
+    eos: int
+    pad: int = 0
+
+
+def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: bool) -> torch.Tensor:
+    """Log-softmax over the vocabulary, with the words that may not be generated set to -inf."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab_size)
+    log_probs[:, special.pad] = -torch.inf
+    log_probs[:, special.bos] = -torch.inf
+    if not allow_eos:
+        log_probs[:, special.eos] = -torch.inf
+    return log_probs
+
+
+def _finish(words: list[torch.Tensor], log_probs: torch.Tensor, attention: list[torch.Tensor],
+            special: SpecialTokens) -> DecodedCaptions:
+    rows, device = log_probs.shape[0], log_probs.device
+    tokens = torch.stack(words, dim=1) if words else torch.zeros(rows, 0, dtype=torch.long, device=device)
+    weights = torch.stack(attention, dim=1) if attention else None
+    return DecodedCaptions(tokens.masked_fill(tokens == special.eos, special.pad), log_probs, weights)
+
+
+Chooser = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocab) log-probs -> (rows,) token ids
 
 
 @torch.no_grad()
-def greedy_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int,
-                  max_length: int, pad_id: int = 0) -> DecodedCaptions:
-    """Pick the most probable word at every step, until ``<eos>`` or ``max_length`` words."""
-    batch = features.global_features.shape[0]
-    device = features.global_features.device
+def _decode_one_path(decoder: nn.Module, features: EncodedImages, special: SpecialTokens, max_length: int,
+                     min_length: int, choose: Chooser) -> DecodedCaptions:
+    """One word per step per image, picked by ``choose``, until ``<eos>`` or ``max_length`` words."""
+    features = decoder.prepare(features)
+    rows, device = features.global_features.shape[0], features.global_features.device
     state = decoder.init_state(features)
-    token = torch.full((batch,), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    log_probs = torch.zeros(batch, device=device)
-    words = []
-    for _ in range(max_length):
-        logits, state = decoder.step(token, state, features)  # (batch, vocab_size)
-        step_log_probs = torch.log_softmax(logits.float(), dim=-1)
-        token_log_prob, token = step_log_probs.max(dim=-1)  # (batch,), (batch,)
-        log_probs += token_log_prob.masked_fill(finished, 0.0)
-        words.append(token.masked_fill(finished, pad_id))
-        finished |= token == eos_id
+    token = torch.full((rows,), special.bos, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    total = torch.zeros(rows, device=device)
+    words: list[torch.Tensor] = []
+    attention: list[torch.Tensor] = []
+    for t in range(max_length):
+        logits, state, weights = decoder.step(token, state, features)  # (rows, vocab_size)
+        log_probs = _word_log_probs(logits, special, allow_eos=t >= min_length)
+        token = choose(log_probs)  # (rows,)
+        total += log_probs.gather(1, token.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)
+        words.append(token.masked_fill(finished, special.pad))
+        if weights is not None:
+            attention.append(weights.masked_fill(finished.unsqueeze(1), 0.0))
+        finished |= token == special.eos
         if finished.all():
             break
-    tokens = torch.stack(words, dim=1) if words else torch.zeros(batch, 0, dtype=torch.long, device=device)
-    return DecodedCaptions(tokens.masked_fill(tokens == eos_id, pad_id), log_probs)
+    return _finish(words, total, attention, special)
+
+
+def greedy_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
+                  pad_id: int = 0, min_length: int = 0) -> DecodedCaptions:
+    """The most probable word at every step."""
+    return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id), max_length, min_length,
+                            lambda log_probs: log_probs.argmax(dim=-1))
+
+
+def sample_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
+                  pad_id: int = 0, min_length: int = 0, temperature: float = 1.0, top_k: int = 0,
+                  generator: torch.Generator | None = None) -> DecodedCaptions:
+    """Words drawn from the model's distribution, sharpened by ``temperature`` and cut to the ``top_k``.
+
+    The returned log-probabilities are the model's own (temperature 1, no cut).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use greedy decoding for 0)")
+
+    def draw(log_probs: torch.Tensor) -> torch.Tensor:
+        scores = log_probs / temperature
+        if top_k > 0:
+            kth = scores.topk(min(top_k, scores.shape[1]), dim=1).values[:, -1:]  # (rows, 1)
+            scores = scores.masked_fill(scores < kth, -torch.inf)
+        return torch.multinomial(torch.softmax(scores, dim=1), 1, generator=generator).squeeze(1)
+
+    return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id), max_length, min_length,
+                            draw)
+
+
+@torch.no_grad()
+def beam_search(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
+                beam_size: int = 3, pad_id: int = 0, min_length: int = 0, length_penalty: float = 0.0,
+                n_best: int = 1) -> DecodedCaptions:
+    """Beam search over all images and beams at once (one decoder call per step).
+
+    Finished hypotheses stay in the beam with their score frozen, competing with running ones.
+    The final ranking divides each sum of log-probabilities by ``length ** length_penalty``
+    (0: plain log-probability). Returns ``n_best`` rows per image, image-major and best first:
+    row ``i * n_best + j`` is image i's j-th best caption.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+    special = SpecialTokens(bos_id, eos_id, pad_id)
+    features = decoder.prepare(features)
+    images, device = features.global_features.shape[0], features.global_features.device
+    beams = features.select(torch.arange(images, device=device).repeat_interleave(beam_size))
+    state = decoder.init_state(beams)
+    rows = images * beam_size
+    token = torch.full((rows,), bos_id, dtype=torch.long, device=device)
+    scores = torch.full((images, beam_size), -torch.inf, device=device)
+    scores[:, 0] = 0.0  # all beams start as the same empty caption: keep one
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, device=device)
+    history = torch.zeros(rows, 0, dtype=torch.long, device=device)
+    attention: torch.Tensor | None = None
+    row_offset = (torch.arange(images, device=device) * beam_size).unsqueeze(1)  # (images, 1)
+    for t in range(max_length):
+        logits, state, weights = decoder.step(token, state, beams)  # (rows, vocab_size)
+        log_probs = _word_log_probs(logits, special, allow_eos=t >= min_length)
+        log_probs[finished] = -torch.inf
+        log_probs[finished, pad_id] = 0.0  # a finished caption continues with free padding only
+        vocab_size = log_probs.shape[1]
+        candidates = (scores.view(rows, 1) + log_probs).view(images, beam_size * vocab_size)
+        scores, best = candidates.topk(beam_size, dim=1)  # (images, beam_size)
+        origin = (row_offset + best // vocab_size).view(rows)  # which row each new beam extends
+        token = (best % vocab_size).view(rows)
+        state = tuple(part.index_select(1, origin) for part in state)
+        history = torch.cat([history[origin], token.unsqueeze(1)], dim=1)
+        if weights is not None:
+            step_weights = weights[origin].masked_fill(finished[origin].unsqueeze(1), 0.0).unsqueeze(1)
+            attention = step_weights if attention is None else torch.cat([attention[origin], step_weights], dim=1)
+        lengths = lengths[origin] + (~finished[origin]).float()
+        finished = finished[origin] | (token == eos_id)
+        if finished.all():
+            break
+    ranking = scores / lengths.view(images, beam_size).clamp(min=1) ** length_penalty
+    chosen = (row_offset + ranking.topk(n_best, dim=1).indices).view(-1)  # (images * n_best,)
+    tokens = history[chosen].masked_fill(history[chosen] == eos_id, pad_id)
+    return DecodedCaptions(tokens, scores.view(rows)[chosen], None if attention is None else attention[chosen])

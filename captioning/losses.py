@@ -12,3 +12,12 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: in
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=pad_id, label_smoothing=label_smoothing)
+
+
+def doubly_stochastic_penalty(attention: torch.Tensor) -> torch.Tensor:
+    """Show, Attend and Tell's eq. 14: push every grid cell's attention, summed over a caption's
+    words, towards 1, so that the caption looks at the whole image.
+
+    attention (num_captions, steps, num_pixels), zeros at padded steps -> mean over captions and pixels.
+    """
+    return ((1.0 - attention.sum(dim=1)) ** 2).mean()

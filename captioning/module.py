@@ -10,11 +10,13 @@ import torch
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
 from captioning.data.vocab import Vocabulary
-from captioning.decoding import greedy_decode
+from captioning.decoding import beam_search, greedy_decode
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_predictions
-from captioning.losses import masked_cross_entropy
+from captioning.losses import doubly_stochastic_penalty, masked_cross_entropy
 from captioning.models.captioner import build_captioner
+from captioning.models.decoders import DecoderOutput
+from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,9 @@ class CaptioningModule(pl.LightningModule):
 
     The vocabulary and the encoder/decoder settings are hyperparameters, so a checkpoint alone
     rebuilds the model (``torch.load(..., weights_only=True)`` reads it: plain types only).
+    ``attention_penalty`` weighs the doubly-stochastic attention loss (attention decoders only);
+    ``encoder_lr`` gives the encoder's trainable stages their own learning rate; ``beam_size`` 1
+    decodes greedily during validation/test, more uses batched beam search.
     """
 
     def __init__(
@@ -38,12 +43,18 @@ class CaptioningModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         scheduler_monitor: str = "val/CIDEr",
         label_smoothing: float = 0.0,
+        attention_penalty: float = 1.0,
+        scheduled_sampling: Mapping[str, Any] | None = None,
+        encoder_lr: float | None = None,
         max_decode_length: int = 20,
+        beam_size: int = 1,
+        length_penalty: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
         self.vocab = Vocabulary(vocab)
         self.captioner = build_captioner(len(self.vocab), encoder, decoder)
+        self.sampling_schedule = SamplingSchedule(**scheduled_sampling) if scheduled_sampling else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self._predictions: dict[int, list[int]] = {}
@@ -52,9 +63,21 @@ class CaptioningModule(pl.LightningModule):
         self.test_metrics: dict[str, float] = {}
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
-        logits = self.captioner(batch.images, batch.tokens, batch.lengths, batch.caption_image_index)
-        loss = masked_cross_entropy(logits, batch.tokens[:, 1:], self.vocab.pad_id, self.hparams.label_smoothing)
+        features = self.captioner.encode(batch.images).select(batch.caption_image_index)
+        probability = self.sampling_schedule.probability(self.current_epoch) if self.sampling_schedule else 0.0
+        if probability > 0:
+            output = scheduled_sampling_forward(self.captioner.decoder, features, batch.tokens, batch.lengths,
+                                                probability)
+        else:
+            output = self.captioner.decoder(features, batch.tokens, batch.lengths)
+        loss = self._loss(output, batch, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.tokens.shape[0])
+        return loss
+
+    def _loss(self, output: DecoderOutput, batch: CaptionBatch, label_smoothing: float = 0.0) -> torch.Tensor:
+        loss = masked_cross_entropy(output.logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)
+        if output.attention is not None and self.hparams.attention_penalty > 0:
+            loss = loss + self.hparams.attention_penalty * doubly_stochastic_penalty(output.attention)
         return loss
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
@@ -64,14 +87,19 @@ class CaptioningModule(pl.LightningModule):
         self._evaluation_step(batch, "test")
 
     def _evaluation_step(self, batch: CaptionBatch, stage: str) -> None:
-        """Loss on every reference caption, and one greedy caption per image."""
+        """Loss on every reference caption, and one generated caption per image."""
         features = self.captioner.encode(batch.images)
         if batch.tokens.numel():
-            logits = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
-            loss = masked_cross_entropy(logits, batch.tokens[:, 1:], self.vocab.pad_id)
-            self.log(f"{stage}/loss", loss, batch_size=batch.tokens.shape[0], sync_dist=True)
-        decoded = greedy_decode(self.captioner.decoder, features, self.vocab.bos_id, self.vocab.eos_id,
-                                self.hparams.max_decode_length, self.vocab.pad_id)
+            output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
+            self.log(f"{stage}/loss", self._loss(output, batch), batch_size=batch.tokens.shape[0], sync_dist=True)
+        vocab, hparams = self.vocab, self.hparams
+        if hparams.beam_size > 1:
+            decoded = beam_search(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
+                                  hparams.max_decode_length, hparams.beam_size, vocab.pad_id,
+                                  length_penalty=hparams.length_penalty)
+        else:
+            decoded = greedy_decode(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
+                                    hparams.max_decode_length, vocab.pad_id)
         for image_id, tokens in zip(batch.image_ids.tolist(), decoded.tokens.tolist()):
             self._predictions[image_id] = tokens
 
@@ -108,12 +136,20 @@ class CaptioningModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise RuntimeError("no optimizer configured: set model.optimizer (a _partial_ torch.optim class)")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self._parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.scheduler_monitor}}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters; the encoder's in their own group when ``encoder_lr`` is set."""
+        encoder = [p for p in self.captioner.encoder.parameters() if p.requires_grad]
+        decoder = [p for p in self.captioner.decoder.parameters() if p.requires_grad]
+        if self.hparams.encoder_lr is None:
+            return [{"params": encoder + decoder}]
+        return [{"params": decoder}, {"params": encoder, "lr": self.hparams.encoder_lr}]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")

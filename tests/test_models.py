@@ -1,8 +1,13 @@
+from urllib.error import URLError
+
 import pytest
 import torch
+import torchvision
 
 from captioning.decoding import greedy_decode
 from captioning.losses import masked_cross_entropy
+from captioning.models.backbones import (IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_classifier,
+                                          packaged_lite0_weights)
 from captioning.models.captioner import build_captioner
 from captioning.models.decoders import ShowTellDecoder
 from captioning.models.encoders import CNNEncoder, EncodedImages
@@ -44,10 +49,10 @@ def test_stepping_reproduces_the_teacher_forced_pass(cell: str, condition: str) 
     features = EncodedImages(torch.randn(3, 6), None)
     tokens, lengths = _captions([6, 3, 5], torch.Generator().manual_seed(1))
     with torch.no_grad():
-        teacher_forced = decoder(features, tokens, lengths)  # (3, 5, VOCAB)
+        teacher_forced = decoder(features, tokens, lengths).logits  # (3, 5, VOCAB)
         state = decoder.init_state(features)
         for t in range(tokens.shape[1] - 1):
-            logits, state = decoder.step(tokens[:, t], state, features)
+            logits, state, _ = decoder.step(tokens[:, t], state, features)
             for row, length in enumerate(lengths.tolist()):
                 if t < length - 1:
                     torch.testing.assert_close(logits[row], teacher_forced[row, t])
@@ -62,7 +67,7 @@ def test_greedy_decoding_follows_the_argmax_and_stops_at_eos() -> None:
         single = EncodedImages(features.global_features[row:row + 1], None)
         state, token, expected, log_prob = decoder.init_state(single), torch.tensor([BOS]), [], 0.0
         for _ in range(7):
-            logits, state = decoder.step(token, state, single)
+            logits, state, _ = decoder.step(token, state, single)
             log_probs = torch.log_softmax(logits, -1)
             token = log_probs.argmax(-1)
             log_prob += log_probs[0, token].item()
@@ -81,9 +86,9 @@ def test_encoder_returns_global_vector_and_grid_of_any_torchvision_backbone() ->
         encoded = encoder(images)
         assert encoder.output_dim == dim
         assert encoded.global_features.shape == (2, dim) and encoded.grid_features.shape == (2, 9, dim)
-        feature_map = encoder.trunk(images)
+        feature_map = encoder.stages((images - encoder.mean) / encoder.std)
         torch.testing.assert_close(encoded.global_features, feature_map.mean(dim=(2, 3)))
-    with pytest.raises(ValueError, match="unknown torchvision backbone"):
+    with pytest.raises(ValueError, match="unknown backbone"):
         CNNEncoder("resnet_does_not_exist")
 
 
@@ -97,9 +102,85 @@ def test_a_few_training_steps_lower_the_loss() -> None:
     optimizer = torch.optim.Adam(captioner.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        loss = masked_cross_entropy(captioner(images, tokens, lengths, index), tokens[:, 1:])
+        loss = masked_cross_entropy(captioner(images, tokens, lengths, index).logits, tokens[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_its_batchnorm_statistics() -> None:
+    torch.manual_seed(0)
+    captioner = build_captioner(VOCAB, {"backbone": "resnet18", "trainable_stages": 1},
+                                {"type": "show_tell", "embed_dim": 16, "hidden_size": 32})
+    encoder = captioner.encoder
+    frozen = {name: tensor.clone() for name, tensor in encoder.stages[:-1].state_dict().items()}
+    assert all(not p.requires_grad for p in encoder.stages[:-1].parameters())
+    assert all(p.requires_grad for p in encoder.stages[-1].parameters())
+    captioner.train()
+    assert not any(m.training for stage in list(encoder.stages)[:-1] for m in stage.modules())
+    assert encoder.stages[-1].training
+    optimizer = torch.optim.Adam([p for p in captioner.parameters() if p.requires_grad], lr=1e-2)
+    tokens, lengths = _captions([6, 4], torch.Generator().manual_seed(2))
+    for _ in range(3):
+        loss = masked_cross_entropy(captioner(torch.randn(2, 3, 32, 32), tokens, lengths, torch.arange(2)).logits,
+                                    tokens[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None for p in encoder.stages[:-1].parameters())
+    assert all(p.grad is not None for p in encoder.stages[-1].parameters())
+    for name, tensor in encoder.stages[:-1].state_dict().items():
+        assert torch.equal(tensor, frozen[name]), name  # weights and BatchNorm running statistics
+    with pytest.raises(ValueError, match="trainable_stages must be between 0 and 5"):
+        CNNEncoder("resnet18", trainable_stages=6)
+
+
+def test_encoder_loads_a_local_weights_file_and_applies_its_normalisation(tmp_path) -> None:
+    torch.manual_seed(0)
+    classifier = torchvision.models.resnet18()
+    torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
+    encoder = CNNEncoder("resnet18", weights_path=tmp_path / "resnet18.pth").eval()
+    images = torch.rand(2, 3, 64, 64)
+    normalised = torchvision.transforms.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    trunk = torch.nn.Sequential(*list(classifier.eval().children())[:-2])
+    torch.testing.assert_close(encoder(images).global_features, trunk(normalised).mean(dim=(2, 3)))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        CNNEncoder("resnet18", weights_path=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        CNNEncoder("resnet34", weights_path=tmp_path / "resnet18.pth")
+
+
+def test_named_torchvision_weights_offline_fail_at_once_saying_how_to_use_a_local_file(tmp_path, monkeypatch) -> None:
+    def no_network(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    with pytest.raises(RuntimeError, match="weights_path"):
+        CNNEncoder("resnet18", weights="IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="unknown weights 'IMAGENET_NOPE'"):
+        CNNEncoder("resnet18", weights="IMAGENET_NOPE")
+
+
+IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def test_offline_efficientnet_lite0_recognises_a_cat_and_an_espresso() -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    classifier = efficientnet_lite0_classifier(packaged_lite0_weights()).eval()
+    encoder = CNNEncoder("efficientnet_lite0", weights="imagenet", trainable_stages=0)
+    assert encoder.frozen and not any(p.requires_grad for p in encoder.parameters())
+    predictions = {}
+    for name in ("chelsea", "coffee"):
+        pixels = torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1).float() / 255
+        image = torchvision.transforms.functional.resize(pixels, [224, 224], antialias=True).unsqueeze(0)
+        with torch.no_grad():
+            features = encoder(image).global_features  # (1, 1280)
+            predictions[name] = int(classifier.classifier(features).argmax())
+            normalised = (image - 0.5) / 0.5  # TF-Lite's input scaling
+            torch.testing.assert_close(classifier(normalised), classifier.classifier(features))
+    assert predictions["chelsea"] in IMAGENET_CATS
+    assert predictions["coffee"] == ESPRESSO

@@ -76,3 +76,23 @@ def test_train_then_evaluate_the_best_checkpoint(tmp_path: Path) -> None:
 def test_evaluating_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ckpt_path"):
         train.run(_config(tmp_path, tmp_path / "data", ["train=false"]))
+
+
+QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+         "+trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["model/decoder=gru"],
+    ["model/decoder=rnn", "model.decoder.num_layers=2"],
+    ["model/decoder=show_tell", "model.decoder.tie_embeddings=true"],
+    ["model=show_attend_tell", "model.beam_size=3", "model.decoder.context_encoder=birnn"],
+    ["model/encoder=efficientnet_lite0", "model.encoder.trainable_stages=1", "model.encoder_lr=1e-4",
+     "+model.scheduled_sampling={start_epoch: 0, increase_every: 1, increase_by: 0.5, max_probability: 0.5}"],
+], ids=["gru", "rnn", "show_tell-tied", "show_attend_tell-beam", "efficientnet_lite0-finetune"])
+def test_every_decoder_and_encoder_config_trains_and_scores(tmp_path: Path, tiny_shapes: Path,
+                                                            overrides: list[str]) -> None:
+    cfg = _config(tmp_path, tiny_shapes.parent, [*QUICK, *overrides])
+    metrics = train.run(cfg)
+    assert metrics["test/CIDEr"] >= 0.0 and (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -6,10 +6,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioning.models.decoders import ShowTellDecoder
+from captioning.models.decoders import DecoderOutput, ShowAttendTellDecoder, ShowTellDecoder
 from captioning.models.encoders import CNNEncoder, EncodedImages
 
-DECODERS: dict[str, type[nn.Module]] = {"show_tell": ShowTellDecoder}
+DECODERS: dict[str, type[nn.Module]] = {"show_tell": ShowTellDecoder, "show_attend_tell": ShowAttendTellDecoder}
 
 
 class Captioner(nn.Module):
@@ -21,13 +21,16 @@ class Captioner(nn.Module):
         self.decoder = decoder
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                caption_image_index: torch.Tensor) -> torch.Tensor:
-        """Logits (num_captions, max_len - 1, vocab) for ``tokens[:, 1:]``; images are encoded once each."""
-        features = self.encoder(images).select(caption_image_index)
-        return self.decoder(features, tokens, lengths)
+                caption_image_index: torch.Tensor) -> DecoderOutput:
+        """Teacher-forced logits (num_captions, max_len - 1, vocab) for ``tokens[:, 1:]``.
+
+        Each image is encoded (and prepared for the decoder) once, then shared by its captions.
+        """
+        return self.decoder(self.encode(images).select(caption_image_index), tokens, lengths)
 
     def encode(self, images: torch.Tensor) -> EncodedImages:
-        return self.encoder(images)
+        """Encoder outputs with the decoder's per-image work done: ready for ``step`` and decoding."""
+        return self.decoder.prepare(self.encoder(images))
 
 
 def build_captioner(vocab_size: int, encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> Captioner:

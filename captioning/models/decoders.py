@@ -1,22 +1,72 @@
 """Recurrent caption decoders behind one step interface.
 
-Every decoder offers ``init_state(features)``, ``step(tokens, state, features) -> (logits, state)``
-and a teacher-forced ``forward`` over whole captions, so each decoding strategy is written once.
-A state is a tuple of tensors shaped ``(num_layers, batch, hidden_size)``: ``(h,)`` or ``(h, c)``.
+Every decoder offers
+
+- ``prepare(features)``: per-image work done once (attention keys, a context encoder); the
+  features given to ``init_state`` and ``step`` must come from it;
+- ``init_state(features)``: the state from which the first word (after ``<bos>``) is predicted;
+- ``step(tokens, state, features) -> (logits, state, attention or None)``: one word per row;
+- ``forward(features, tokens, lengths) -> DecoderOutput``: teacher forcing over whole captions;
+
+so each decoding strategy is written once. A state is a tuple of tensors shaped
+``(num_layers, batch, hidden_size)``: ``(h,)`` or ``(h, c)``; strategies reorder it along dim 1.
 """
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from captioning.models.attention import AdditiveAttention, BidirectionalContext
 from captioning.models.encoders import EncodedImages
 
 State = tuple[torch.Tensor, ...]
 
-RNN_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-
+RNN_LAYERS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+RNN_CELLS: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
 CONDITIONS = ("input", "state", "every_step")
+
+
+class DecoderOutput(NamedTuple):
+    """Teacher-forced outputs; rows and steps follow the input captions.
+
+    Logits at padded positions predict nothing and must be masked by the loss; attention weights
+    there are zeros, so sums over steps are sums over words.
+    """
+
+    logits: torch.Tensor  # (batch, max_len - 1, vocab_size), predicting tokens[:, 1:]
+    attention: torch.Tensor | None  # (batch, max_len - 1, num_pixels) for attention decoders
+
+
+def _check_cell(cell: str) -> None:
+    if cell not in RNN_CELLS:
+        raise ValueError(f"decoder cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
+
+
+class WordOutput(nn.Module):
+    """Hidden state -> word logits, optionally tied to the input embedding (Press & Wolf, 2017).
+
+    Tying shares the (vocab_size, embed_dim) matrix; a projection maps hidden_size to embed_dim.
+    """
+
+    def __init__(self, embedding: nn.Embedding, hidden_size: int, tie_embeddings: bool) -> None:
+        super().__init__()
+        vocab_size, embed_dim = embedding.weight.shape
+        self.embedding = embedding if tie_embeddings else None
+        if tie_embeddings:
+            self.projection = nn.Linear(hidden_size, embed_dim)
+            self.bias = nn.Parameter(torch.zeros(vocab_size))
+        else:
+            self.projection = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(hidden)
+        if self.embedding is None:
+            return projected
+        return F.linear(projected, self.embedding.weight, self.bias)
 
 
 class ShowTellDecoder(nn.Module):
@@ -26,6 +76,7 @@ class ShowTellDecoder(nn.Module):
     ``condition="state"`` maps it to the initial hidden (and cell) state instead;
     ``condition="every_step"`` concatenates it to every word embedding (LRCN, Donahue et al.,
     2015), which gives an encoder trained from scratch a gradient at every word.
+    Teacher forcing runs the whole caption through one packed cuDNN-able RNN call.
     """
 
     def __init__(
@@ -38,10 +89,10 @@ class ShowTellDecoder(nn.Module):
         dropout: float = 0.3,
         cell: str = "lstm",
         condition: str = "input",
+        tie_embeddings: bool = False,
     ) -> None:
         super().__init__()
-        if cell not in RNN_CELLS:
-            raise ValueError(f"decoder cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
+        _check_cell(cell)
         if condition not in CONDITIONS:
             raise ValueError(f"decoder condition must be one of {CONDITIONS}, got {condition!r}")
         self.cell, self.condition = cell, condition
@@ -49,16 +100,18 @@ class ShowTellDecoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         extra = {"nonlinearity": "tanh"} if cell == "rnn" else {}
         rnn_input = 2 * embed_dim if condition == "every_step" else embed_dim
-        self.rnn = RNN_CELLS[cell](rnn_input, hidden_size, num_layers, batch_first=True,
-                                   dropout=dropout if num_layers > 1 else 0.0, **extra)
+        self.rnn = RNN_LAYERS[cell](rnn_input, hidden_size, num_layers, batch_first=True,
+                                    dropout=dropout if num_layers > 1 else 0.0, **extra)
         state_parts = 2 if cell == "lstm" else 1
         projected = state_parts * num_layers * hidden_size if condition == "state" else embed_dim
         self.image_projection = nn.Linear(encoder_dim, projected)
         self.dropout = nn.Dropout(dropout)
-        self.output = nn.Linear(hidden_size, vocab_size)
+        self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
+
+    def prepare(self, features: EncodedImages) -> EncodedImages:
+        return features
 
     def init_state(self, features: EncodedImages) -> State:
-        """The state from which the first word (after ``<bos>``) is predicted."""
         batch = features.global_features.shape[0]
         if self.condition == "every_step":
             zeros = features.global_features.new_zeros(self.num_layers, batch, self.hidden_size)
@@ -70,18 +123,15 @@ class ShowTellDecoder(nn.Module):
         parts = torch.tanh(image).view(batch, -1, self.num_layers, self.hidden_size)
         return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
 
-    def step(self, tokens: torch.Tensor, state: State, features: EncodedImages) -> tuple[torch.Tensor, State]:
-        """One word for every row: tokens (batch,) -> logits (batch, vocab_size)."""
+    def step(self, tokens: torch.Tensor, state: State, features: EncodedImages
+             ) -> tuple[torch.Tensor, State, None]:
+        """tokens (batch,) -> logits (batch, vocab_size)."""
         embedded = self._inputs(tokens.unsqueeze(1), features)  # (batch, 1, rnn_input)
         output, state = self._run(embedded, state)  # (batch, 1, hidden_size)
-        return self.output(self.dropout(output.squeeze(1))), state
+        return self.output(self.dropout(output.squeeze(1))), state, None
 
-    def forward(self, features: EncodedImages, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (batch, max_len - 1, vocab) predicting ``tokens[:, 1:]``.
-
-        Packed sequences keep the RNN off the padding; padded positions' logits are zeros-in,
-        garbage-out and must be masked by the loss.
-        """
+    def forward(self, features: EncodedImages, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        """Packed sequences keep the RNN off the padding."""
         inputs = self._inputs(tokens[:, :-1], features)  # (batch, max_len - 1, rnn_input)
         steps = lengths - 1
         if self.condition == "input":
@@ -94,7 +144,7 @@ class ShowTellDecoder(nn.Module):
         hidden, _ = pad_packed_sequence(output, batch_first=True, total_length=inputs.shape[1])
         if self.condition == "input":
             hidden = hidden[:, 1:]  # the step that read the image predicts nothing
-        return self.output(self.dropout(hidden))  # (batch, max_len - 1, vocab_size)
+        return DecoderOutput(self.output(self.dropout(hidden)), None)  # (batch, max_len - 1, vocab_size)
 
     def _inputs(self, tokens: torch.Tensor, features: EncodedImages) -> torch.Tensor:
         """Word embeddings (batch, steps, embed_dim), with the image beside each one for "every_step"."""
@@ -111,3 +161,109 @@ class ShowTellDecoder(nn.Module):
             state = state[0]
         output, new_state = self.rnn(inputs, state)
         return output, (new_state if self.cell == "lstm" else (new_state,))
+
+
+class ShowAttendTellDecoder(nn.Module):
+    """Show, Attend and Tell (Xu et al., 2015): soft attention over the grid at every word.
+
+    Each step attends with the top layer's previous hidden state, optionally gates the context
+    with ``sigmoid(f_beta(h))`` (the paper's section 4.2.1), and feeds ``[word embedding; context]``
+    to a stack of RNN cells whose first state comes from the mean grid vector. An optional
+    bidirectional RNN (``context_encoder="birnn"``) turns the grid into annotations first.
+    Teacher forcing sorts captions by length and shrinks the active batch as captions end, so no
+    step computes on padding.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int,
+        embed_dim: int = 256,
+        hidden_size: int = 512,
+        attention_dim: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        cell: str = "lstm",
+        gate: bool = True,
+        context_encoder: str | None = None,
+        context_hidden_size: int = 256,
+        tie_embeddings: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_cell(cell)
+        if context_encoder not in (None, "birnn"):
+            raise ValueError(f"context_encoder must be null or 'birnn', got {context_encoder!r}")
+        self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
+        self.context = BidirectionalContext(encoder_dim, context_hidden_size) if context_encoder else None
+        annotation_dim = self.context.output_dim if self.context else encoder_dim
+        self.attention = AdditiveAttention(annotation_dim, hidden_size, attention_dim)
+        self.gate = nn.Linear(hidden_size, annotation_dim) if gate else None
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        extra = {"nonlinearity": "tanh"} if cell == "rnn" else {}
+        self.cells = nn.ModuleList(
+            RNN_CELLS[cell](embed_dim + annotation_dim if layer == 0 else hidden_size, hidden_size, **extra)
+            for layer in range(num_layers))
+        state_parts = 2 if cell == "lstm" else 1
+        self.init_projection = nn.Linear(annotation_dim, state_parts * num_layers * hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
+
+    def prepare(self, features: EncodedImages) -> EncodedImages:
+        if features.grid_features is None:
+            raise ValueError("the attention decoder needs grid features: set model.encoder.grid_size (e.g. 14)")
+        if features.keys is not None:
+            return features
+        grid = features.grid_features  # (batch, num_pixels, encoder_dim)
+        if self.context is not None:
+            grid = self.context(grid)  # (batch, num_pixels, annotation_dim)
+        return EncodedImages(features.global_features, grid, self.attention.project(grid))
+
+    def init_state(self, features: EncodedImages) -> State:
+        batch = features.grid_features.shape[0]
+        mean_annotation = features.grid_features.mean(dim=1)  # (batch, annotation_dim)
+        parts = self.init_projection(mean_annotation).view(batch, -1, self.num_layers, self.hidden_size)
+        return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
+
+    def step(self, tokens: torch.Tensor, state: State, features: EncodedImages
+             ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """tokens (batch,) -> logits (batch, vocab_size), attention weights (batch, num_pixels)."""
+        hidden = state[0]  # (layers, batch, hidden_size)
+        context, weights = self.attention(features.grid_features, features.keys, hidden[-1])
+        if self.gate is not None:
+            context = torch.sigmoid(self.gate(hidden[-1])) * context  # (batch, annotation_dim)
+        layer_input = torch.cat([self.embedding(tokens), context], dim=1)  # (batch, embed_dim + annotation_dim)
+        new_parts: list[list[torch.Tensor]] = [[] for _ in state]
+        for layer, cell in enumerate(self.cells):
+            if self.cell == "lstm":
+                layer_state = cell(layer_input, (state[0][layer], state[1][layer]))
+            else:
+                layer_state = (cell(layer_input, state[0][layer]),)
+            for part, value in zip(new_parts, layer_state):
+                part.append(value)
+            layer_input = self.dropout(layer_state[0])
+        new_state = tuple(torch.stack(part) for part in new_parts)
+        return self.output(layer_input), new_state, weights
+
+    def forward(self, features: EncodedImages, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        features = self.prepare(features)
+        steps = lengths - 1  # words each caption predicts
+        order = torch.argsort(steps, descending=True)
+        sorted_steps = steps[order]
+        features, tokens = features.select(order), tokens[order]
+        state = self.init_state(features)
+        batch, max_steps = tokens.shape[0], tokens.shape[1] - 1
+        vocab_size = self.embedding.num_embeddings
+        logits = tokens.new_zeros(batch, max_steps, vocab_size, dtype=features.grid_features.dtype)
+        attention = tokens.new_zeros(batch, max_steps, features.grid_features.shape[1],
+                                     dtype=features.grid_features.dtype)
+        positions = torch.arange(max_steps, device=steps.device)
+        active_per_step = (sorted_steps.unsqueeze(0) > positions.unsqueeze(1)).sum(1).tolist()
+        for t, active in enumerate(active_per_step):  # captions still running form a prefix
+            if active == 0:
+                break
+            state = tuple(part[:, :active] for part in state)
+            step_logits, state, weights = self.step(tokens[:active, t], state, features.select(slice(0, active)))
+            logits[:active, t] = step_logits
+            attention[:active, t] = weights
+        restore = torch.argsort(order)
+        return DecoderOutput(logits[restore], attention[restore])

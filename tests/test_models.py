@@ -1,6 +1,7 @@
 from urllib.error import URLError
 
 import pytest
+import skimage.data
 import torch
 import torchvision
 
@@ -169,13 +170,12 @@ ESPRESSO = 967
 
 
 def test_offline_efficientnet_lite0_recognises_a_cat_and_an_espresso() -> None:
-    skimage_data = pytest.importorskip("skimage.data")
     classifier = efficientnet_lite0_classifier(packaged_lite0_weights()).eval()
     encoder = CNNEncoder("efficientnet_lite0", weights="imagenet", trainable_stages=0)
     assert encoder.frozen and not any(p.requires_grad for p in encoder.parameters())
     predictions = {}
     for name in ("chelsea", "coffee"):
-        pixels = torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1).float() / 255
+        pixels = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1).float() / 255
         image = torchvision.transforms.functional.resize(pixels, [224, 224], antialias=True).unsqueeze(0)
         with torch.no_grad():
             features = encoder(image).global_features  # (1, 1280)

@@ -1,0 +1,102 @@
+"""Decoding speed: captions/s for greedy and beam search, batched vs one image at a time.
+
+The same ``beam_search`` runs on the whole batch and, as the reference, on each image alone; the
+outputs must be identical. Prints a table and writes JSON (``--json FILE``).
+
+    python benchmarks/decoding.py --images 64 --json decoding.json
+"""
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from captioning.decoding import DecodedCaptions, beam_search, greedy_decode
+from captioning.models.decoders import ShowAttendTellDecoder
+from captioning.models.encoders import EncodedImages
+
+BOS, EOS = 1, 2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64, help="images decoded per batch")
+    parser.add_argument("--vocab-size", type=int, default=5000)
+    parser.add_argument("--grid-size", type=int, default=7, help="attention over grid_size² cells")
+    parser.add_argument("--encoder-dim", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=16)
+    parser.add_argument("--beam-sizes", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    return parser.parse_args()
+
+
+def timed(run: Callable[[], DecodedCaptions], device: str) -> tuple[DecodedCaptions, float]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def one_at_a_time(decode: Callable[[EncodedImages], DecodedCaptions], features: EncodedImages) -> DecodedCaptions:
+    """The same strategy on each image alone; rows padded to a common width."""
+    singles = [decode(features.select(torch.tensor([i], device=features.global_features.device)))
+               for i in range(features.global_features.shape[0])]
+    width = max(single.tokens.shape[1] for single in singles)
+    tokens = torch.cat([torch.nn.functional.pad(s.tokens, (0, width - s.tokens.shape[1])) for s in singles])
+    return DecodedCaptions(tokens, torch.cat([s.log_probs for s in singles]))
+
+
+def same_captions(a: DecodedCaptions, b: DecodedCaptions) -> bool:
+    width = max(a.tokens.shape[1], b.tokens.shape[1])
+    pad = torch.nn.functional.pad
+    return (torch.equal(pad(a.tokens, (0, width - a.tokens.shape[1])), pad(b.tokens, (0, width - b.tokens.shape[1])))
+            and torch.allclose(a.log_probs, b.log_probs, atol=1e-4))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    decoder = ShowAttendTellDecoder(args.vocab_size, args.encoder_dim, hidden_size=args.hidden_size).eval()
+    decoder.to(args.device)
+    grid = torch.randn(args.images, args.grid_size ** 2, args.encoder_dim, device=args.device)
+    features = decoder.prepare(EncodedImages(grid.mean(dim=1), grid))
+    strategies: dict[str, Callable[[EncodedImages], DecodedCaptions]] = {
+        "greedy": lambda f: greedy_decode(decoder, f, BOS, EOS, args.max_length)}
+    for k in args.beam_sizes:
+        strategies[f"beam{k}"] = lambda f, k=k: beam_search(decoder, f, BOS, EOS, args.max_length, beam_size=k)
+    rows, results = [], {"images": args.images, "device": args.device, "vocab_size": args.vocab_size,
+                         "max_length": args.max_length, "identical_outputs": True}
+    for name, decode in strategies.items():
+        decode(features)  # warm-up
+        batched, batched_s = timed(lambda: decode(features), args.device)
+        single, single_s = timed(lambda: one_at_a_time(decode, features), args.device)
+        identical = same_captions(batched, single)
+        results["identical_outputs"] &= identical
+        results[f"{name}_batched_captions_per_s"] = args.images / batched_s
+        results[f"{name}_single_captions_per_s"] = args.images / single_s
+        results[f"{name}_batched_vs_single_speedup"] = single_s / batched_s
+        rows.append((name, args.images / batched_s, args.images / single_s, single_s / batched_s, identical))
+    table = Table(title=f"decoding {args.images} images on {args.device} (vocab {args.vocab_size}, "
+                        f"{args.grid_size}x{args.grid_size} grid, max {args.max_length} words)")
+    for column in ("strategy", "batched captions/s", "one-at-a-time captions/s", "speed-up", "identical"):
+        table.add_column(column, justify="right")
+    for name, batched, single, speedup, identical in rows:
+        table.add_row(name, f"{batched:.1f}", f"{single:.1f}", f"{speedup:.1f}x", str(identical))
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()

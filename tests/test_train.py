@@ -20,6 +20,7 @@ TINY_OVERRIDES = [
     f"data.generate_shapes.num_test={TINY_SHAPES.num_test}",
     f"data.generate_shapes.seed={TINY_SHAPES.seed}",
     "data.batch_size=8",
+    "data.image_size=64",
     "data.min_word_count=1",
     "model.decoder.embed_dim=16",
     "model.decoder.hidden_size=32",
@@ -84,13 +85,13 @@ QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.lim
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    ["model/decoder=gru"],
-    ["model/decoder=rnn", "model.decoder.num_layers=2"],
-    ["model/decoder=show_tell", "model.decoder.tie_embeddings=true"],
-    ["model=show_attend_tell", "model.beam_size=3", "model.decoder.context_encoder=birnn"],
-    ["model/encoder=efficientnet_lite0", "model.encoder.trainable_stages=1", "model.encoder_lr=1e-4",
-     "+model.scheduled_sampling={start_epoch: 0, increase_every: 1, increase_by: 0.5, max_probability: 0.5}"],
-], ids=["gru", "rnn", "show_tell-tied", "show_attend_tell-beam", "efficientnet_lite0-finetune"])
+    ["model=show_tell", "model/decoder=gru"],
+    ["model=show_tell", "model/decoder=rnn", "model.decoder.num_layers=2"],
+    ["model=show_tell", "model/decoder=show_tell", "model.decoder.tie_embeddings=true",
+     "model/encoder=efficientnet_lite0", "model.encoder.trainable_stages=1", "model.encoder_lr=1e-4"],
+    ["model=show_attend_tell", "model.beam_size=3", "model.decoder.context_encoder=birnn", "model.decoder.cell=gru",
+     "model.scheduled_sampling={start_epoch: 0, increase_every: 1, increase_by: 0.5, max_probability: 0.5}"],
+], ids=["show_tell-gru", "show_tell-rnn", "show_tell-tied-efficientnet", "show_attend_tell-beam-sampling"])
 def test_every_decoder_and_encoder_config_trains_and_scores(tmp_path: Path, tiny_shapes: Path,
                                                             overrides: list[str]) -> None:
     cfg = _config(tmp_path, tiny_shapes.parent, [*QUICK, *overrides])

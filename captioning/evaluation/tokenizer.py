@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pycocoevalcap.tokenizer import ptbtokenizer
 
+from captioning.data.tokenize import one_line
+
 PTB_JAR = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
 PUNCTUATION = frozenset(ptbtokenizer.PUNCTUATIONS)
 
@@ -30,7 +32,7 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     """Lowercased PTB tokens joined by spaces, punctuation removed: one string per caption."""
     if not captions:
         return []
-    text = "\n".join(caption.replace("\n", " ") for caption in captions)
+    text = "\n".join(one_line(caption) for caption in captions)
     with tempfile.TemporaryDirectory(prefix="captioning-ptb-") as workdir:
         source = Path(workdir) / "captions.txt"
         source.write_text(text, encoding="utf-8")

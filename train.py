@@ -90,7 +90,7 @@ def _print_table(metrics: dict[str, float]) -> None:
     table.add_column("metric")
     table.add_column("model", justify="right")
     table.add_column("human (leave-one-out)", justify="right")
-    for name in METRICS:
+    for name in (*METRICS, "SPICE"):
         if f"test/{name}" in metrics:
             human = metrics.get(f"human_loo/{name}")
             table.add_row(name, f"{metrics[f'test/{name}']:.4f}", f"{human:.4f}" if human is not None else "-")

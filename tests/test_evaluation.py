@@ -1,11 +1,18 @@
 import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
-from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator
+from captioning.evaluation import tokenizer
+from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator, spice_unavailable_reason
+from tests.conftest import PROJECT_ROOT
 
 
 def _references(annotation_file: Path) -> dict[int, list[str]]:
@@ -87,3 +94,145 @@ def test_close_stops_the_meteor_java_process() -> None:
     evaluator.close()
     assert process.poll() is not None
     evaluator.close()
+
+
+def _without_java(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A PATH on which no java can be found (the rest of the tools stay reachable)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("python", "python3"):
+        (bin_dir / tool).symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert shutil.which("java") is None
+
+
+def test_without_java_bleu_rouge_cider_are_unchanged_and_meteor_is_skipped_with_a_warning(
+        tiny_shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    references = _references(tiny_shapes / "annotations" / "captions_test.json")
+    ids = sorted(references)
+    results = {i: references[ids[(k + 2) % len(ids)]][1] + "." for k, i in enumerate(ids)}
+    with CocoCaptionEvaluator(references) as evaluator:
+        with_java = evaluator.score(results).metrics
+    _without_java(monkeypatch, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        with CocoCaptionEvaluator(references) as evaluator:
+            without_java = evaluator.score(results).metrics
+    assert "METEOR" not in without_java and "METEOR is skipped" in caplog.text
+    assert without_java == {name: value for name, value in with_java.items() if name != "METEOR"}
+
+
+def test_spice_is_skipped_with_the_reason_when_it_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+    java = shutil.which("java")
+    reason = spice_unavailable_reason(java)
+    assert reason is not None  # no CoreNLP 3.6.0 jars and Java 17 here: SPICE must never be attempted
+    with caplog.at_level(logging.WARNING):
+        with CocoCaptionEvaluator({1: ["a red circle"]}) as evaluator:
+            metrics = evaluator.score({1: "a red circle"}).metrics
+    assert "SPICE" not in metrics and f"SPICE skipped: {reason}" in caplog.text
+    assert spice_unavailable_reason(None) == "SPICE needs Java 8, and no java is on PATH"
+
+
+def test_the_ptb_tokenizer_writes_nothing_next_to_its_jar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycocoevalcap writes its temp file beside the jar (site-packages); ours uses a temp directory."""
+    jar_dir = tmp_path / "read-only-install"
+    jar_dir.mkdir()
+    jar = jar_dir / tokenizer.PTB_JAR.name
+    shutil.copy(tokenizer.PTB_JAR, jar)
+    jar_dir.chmod(0o555)
+    monkeypatch.setattr(tokenizer, "PTB_JAR", jar)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    try:
+        assert tokenizer.ptb_tokenize(["A dog's toy, on the mat."]) == ["a dog 's toy on the mat"]
+    finally:
+        jar_dir.chmod(0o755)
+    assert [p.name for p in jar_dir.iterdir()] == [jar.name]
+    assert list((tmp_path / "scratch").iterdir()) == []  # its temporary directory was used and removed
+
+
+def test_empty_captions_are_scored_as_matching_nothing() -> None:
+    with CocoCaptionEvaluator({1: ["a red circle"], 2: ["a blue square"]}) as evaluator:
+        result = evaluator.score({1: "", 2: "a blue square"})
+    assert result.per_image[1]["Bleu_1"] < 1e-6 and result.per_image[1]["CIDEr"] == 0.0
+    assert result.per_image[2]["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
+
+
+def _held_out_annotations(shared_data: Path, tmp_path: Path) -> tuple[Path, dict[int, str]]:
+    """The mini val2017 annotations without each image's first caption, which becomes the "result"."""
+    data = json.loads((shared_data / "coco-val2017-mini" / "annotations" / "captions_mini.json").read_text())
+    held_out: dict[int, str] = {}
+    kept = []
+    for annotation in data["annotations"]:
+        if annotation["image_id"] in held_out:
+            kept.append(annotation)
+        else:
+            held_out[annotation["image_id"]] = annotation["caption"]
+    path = tmp_path / "references.json"
+    path.write_text(json.dumps(data | {"annotations": kept}))
+    return path, held_out
+
+
+def _perturbed(caption: str, k: int) -> str:
+    """A worse caption: words dropped or swapped, case and punctuation changed."""
+    words = caption.split()
+    if k % 3 == 0:
+        words = words[: max(1, len(words) // 2)]
+    elif k % 3 == 1:
+        words = words[::-1]
+    else:
+        words = [w.upper() for w in words] + ["!"]
+    return " ".join(words)
+
+
+def test_scores_equal_cocoevalcap_on_real_coco_captions(shared_data: Path, tmp_path: Path) -> None:
+    annotation_file, held_out = _held_out_annotations(shared_data, tmp_path)
+    references = _references(annotation_file)
+    with CocoCaptionEvaluator(COCO(str(annotation_file))) as evaluator:
+        assert evaluator.references == references
+        for name, results in [("held-out human", held_out),
+                              ("perturbed", {i: _perturbed(c, k) for k, (i, c) in enumerate(held_out.items())})]:
+            ours = evaluator.score(results).metrics
+            expected = _reference_numbers(annotation_file, results, tmp_path)
+            for metric in METRICS:
+                assert ours[metric] == pytest.approx(expected[metric], abs=1e-9), (name, metric)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioning.evaluation", *args], capture_output=True, text=True,
+                          timeout=300, cwd=PROJECT_ROOT)
+
+
+def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    annotation_file = tiny_shapes / "annotations" / "captions_val.json"
+    references = _references(annotation_file)
+    results = [{"image_id": i, "caption": captions[0]} for i, captions in references.items()]
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results))
+    completed = _run_cli(str(results_file), "--annotations", str(annotation_file),
+                         "--output", str(tmp_path / "metrics.json"), "--per-image", str(tmp_path / "per_image.json"))
+    assert completed.returncode == 0, completed.stderr
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    with CocoCaptionEvaluator(references) as evaluator:
+        assert written == evaluator.score({r["image_id"]: r["caption"] for r in results}).metrics
+    assert "CIDEr" in completed.stdout
+    assert set(json.loads((tmp_path / "per_image.json").read_text())) == {str(i) for i in references}
+
+    bad_inputs = {
+        "duplicate": (results + results[:1], "appears twice"),
+        "unknown": (results + [{"image_id": 999999, "caption": "a cat"}], "not in"),
+        "no caption": ([{"image_id": results[0]["image_id"]}], "entry 0"),
+        "not a list": ({"image_id": 1}, "expected a JSON list"),
+    }
+    for name, (content, message) in bad_inputs.items():
+        bad_file = tmp_path / f"{name}.json"
+        bad_file.write_text(json.dumps(content))
+        completed = _run_cli(str(bad_file), "--annotations", str(annotation_file))
+        assert completed.returncode == 2, name
+        assert message in " ".join(completed.stdout.split()), (name, completed.stdout)
+
+    _without_java(monkeypatch, tmp_path)
+    completed = _run_cli(str(results_file), "--annotations", str(annotation_file))
+    assert completed.returncode == 0, completed.stderr
+    output = completed.stdout + completed.stderr
+    assert all(name in output for name in ("Bleu_4", "ROUGE_L", "CIDEr")) and "METEOR is skipped" in output

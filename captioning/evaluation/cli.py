@@ -1,0 +1,119 @@
+"""Score an official COCO results file against COCO caption annotations.
+
+    python -m captioning.evaluation RESULTS.json --annotations captions_val2017.json \
+        [--output METRICS.json] [--per-image PER_IMAGE.json]
+
+Results are ``[{"image_id": int, "caption": str}, ...]`` with one caption per image; every image
+id must be in the annotations. Only the images in the results are scored (as ``COCOEvalCap`` does).
+Exit status: 0 scored, 2 bad input (the message names the file and the entry).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from captioning.evaluation.coco import CocoCaptionEvaluator
+
+
+class InputError(ValueError):
+    """Bad input files: the message says which file and entry, and what is wrong."""
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{what} file {path} is not valid UTF-8 JSON: {error}") from None
+
+
+def load_results(path: Path) -> dict[int, str]:
+    """``{image_id: caption}`` from a COCO results file, refusing malformed or duplicate entries."""
+    entries = _read_json(path, "results")
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a JSON list of {{\"image_id\": int, \"caption\": str}}, "
+                         f"got a {type(entries).__name__}")
+    captions: dict[int, str] = {}
+    for index, entry in enumerate(entries):
+        where = f"{path}: entry {index}"
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise InputError(f"{where} must be an object with \"image_id\" and \"caption\", got {entry!r:.200}")
+        image_id, caption = entry["image_id"], entry["caption"]
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise InputError(f"{where}: image_id must be an integer, got {image_id!r}")
+        if not isinstance(caption, str):
+            raise InputError(f"{where}: caption must be a string, got {caption!r:.200}")
+        if image_id in captions:
+            raise InputError(f"{where}: image_id {image_id} appears twice; give one caption per image")
+        captions[image_id] = caption
+    if not captions:
+        raise InputError(f"{path} holds no results")
+    return captions
+
+
+def load_references(path: Path) -> dict[int, list[str]]:
+    """``{image_id: [captions]}`` from COCO caption annotations (``annotations[].image_id/caption``)."""
+    data = _read_json(path, "annotations")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise InputError(f"{path}: expected COCO caption annotations, an object with an \"annotations\" list")
+    references: dict[int, list[str]] = {}
+    for index, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), int) \
+                or not isinstance(annotation.get("caption"), str):
+            raise InputError(f"{path}: annotations[{index}] needs an integer image_id and a string caption, "
+                             f"got {annotation!r:.200}")
+        references.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    return references
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m captioning.evaluation",
+                                     description="Score a COCO results file (BLEU, METEOR, ROUGE_L, CIDEr, "
+                                                 "SPICE where it can run) against caption annotations.")
+    parser.add_argument("results", type=Path, help='[{"image_id": int, "caption": str}, ...]')
+    parser.add_argument("--annotations", type=Path, required=True, help="COCO captions_*.json")
+    parser.add_argument("--output", type=Path, help="write the metrics here as JSON")
+    parser.add_argument("--per-image", type=Path, help="write every image's scores here as JSON")
+    parser.add_argument("--no-spice", action="store_true", help="do not run SPICE even where it could run")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    args = parse_args(argv)
+    console = Console()
+    try:
+        captions = load_results(args.results)
+        references = load_references(args.annotations)
+        unknown = sorted(set(captions) - set(references))
+        if unknown:
+            raise InputError(f"{args.results}: {len(unknown)} image ids are not in {args.annotations}, "
+                             f"e.g. {unknown[:5]}")
+    except InputError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
+        result = evaluator.score(captions)
+    table = Table(title=f"{len(captions)} captions scored against {args.annotations.name}")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    if args.output:
+        args.output.write_text(json.dumps(result.metrics, indent=2))
+    if args.per_image:
+        args.per_image.write_text(json.dumps({str(i): scores for i, scores in result.per_image.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,7 +90,7 @@ def test_unknown_image_ids_and_empty_results_are_refused() -> None:
 def test_close_stops_the_meteor_java_process() -> None:
     evaluator = CocoCaptionEvaluator({1: ["a red circle", "a big red circle"]})
     assert evaluator.score({1: "a red circle"}).metrics["METEOR"] > 0.5
-    process = evaluator._meteor.meteor_p
+    process = evaluator._meteor.process
     evaluator.close()
     assert process.poll() is not None
     evaluator.close()

@@ -8,8 +8,9 @@ inputs), without its failure modes:
 - without Java, tokenization falls back to a pure-Python PTB tokenizer that gives the same tokens
   on caption text, and METEOR is skipped with one warning (BLEU, ROUGE_L and CIDEr still come out);
 - temp files live in the system temporary directory, never inside site-packages;
-- references are tokenized once per evaluator; one METEOR Java process is reused across calls,
-  scores concurrently with the Python scorers, and is shut down by ``close()``.
+- references are tokenized once per evaluator; one METEOR Java process starts with the evaluator
+  (loading its paraphrase tables while captions are tokenized), is reused across calls, scores
+  concurrently with the Python scorers, and is shut down by ``close()``.
 
 Empty captions are scored as they are (as ``COCOEvalCap`` does: they match nothing).
 """
@@ -25,12 +26,12 @@ from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as spice_module
 from pycocotools.coco import COCO
 
 from captioning.data.tokenize import ptb_tokenize_python_batch
+from captioning.evaluation.meteor import MeteorScorer
 from captioning.evaluation.tokenizer import ptb_tokenize
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class CocoCaptionEvaluator:
     """Scores ``{image_id: caption}`` against fixed references (``{image_id: [captions]}`` or a ``COCO``)."""
 
     def __init__(self, references: Mapping[int, Sequence[str]] | COCO, spice: bool = True) -> None:
-        self._meteor: Meteor | None = None
+        self._meteor: MeteorScorer | None = None
         if isinstance(references, COCO):
             references = references_from_coco(references)
         self.references = {int(i): list(captions) for i, captions in references.items()}
@@ -104,6 +105,8 @@ class CocoCaptionEvaluator:
         if skip_spice is None:
             self.metric_names += ("SPICE",)
         self._tokenized_references: Tokenized | None = None
+        if "METEOR" in self.metric_names:
+            self._meteor_scorer()  # its Java process loads its tables (~6 s) while we tokenize
 
     def score(self, captions: Mapping[int, str]) -> EvaluationResult:
         """Metrics over the images in ``captions``; each must be a reference image."""
@@ -179,18 +182,15 @@ class CocoCaptionEvaluator:
                 record("SPICE", corpus, [d["All"]["f"] for d in details])
         return EvaluationResult({name: metrics[name] for name in self.metric_names}, per_image)
 
-    def _meteor_scorer(self) -> Meteor:
+    def _meteor_scorer(self) -> MeteorScorer:
         if self._meteor is None:
-            self._meteor = Meteor()
+            self._meteor = MeteorScorer(self.java)
         return self._meteor
 
     def close(self) -> None:
         """Stop the METEOR Java process (safe to call twice)."""
         if self._meteor is not None:
-            process = self._meteor.meteor_p
-            process.stdin.close()
-            process.kill()
-            process.wait()
+            self._meteor.close()
             self._meteor = None
 
     def __enter__(self) -> "CocoCaptionEvaluator":

@@ -7,6 +7,7 @@ checkpoint; ``python train.py train=false ckpt_path=X`` only scores checkpoint X
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,9 @@ from rich.table import Table
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator
 
 log = logging.getLogger("train")
+
+# frozen encoder stages stay in eval mode on purpose (their BatchNorm statistics must not move)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 # conf/paths resolves the project root (and so data/ and logs/) from this, when the config is composed
 os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))

@@ -5,13 +5,11 @@ import skimage.data
 import torch
 import torchvision
 
-from captioning.decoding import greedy_decode
 from captioning.losses import masked_cross_entropy
 from captioning.models.backbones import (IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_classifier,
                                           packaged_lite0_weights)
 from captioning.models.captioner import build_captioner
-from captioning.models.decoders import ShowTellDecoder
-from captioning.models.encoders import CNNEncoder, EncodedImages
+from captioning.models.encoders import CNNEncoder
 
 VOCAB = 12
 BOS, EOS = 1, 2
@@ -38,46 +36,6 @@ def test_masked_loss_ignores_padding_positions() -> None:
     valid = targets != 0
     manual = -torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)[valid].mean()
     assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-@pytest.mark.parametrize("condition", ["input", "state", "every_step"])
-def test_stepping_reproduces_the_teacher_forced_pass(cell: str, condition: str) -> None:
-    """``step`` and ``forward`` are one model: feeding a caption word by word gives the same logits."""
-    torch.manual_seed(0)
-    decoder = ShowTellDecoder(VOCAB, encoder_dim=6, embed_dim=8, hidden_size=10, num_layers=2, cell=cell,
-                              condition=condition).eval()
-    features = EncodedImages(torch.randn(3, 6), None)
-    tokens, lengths = _captions([6, 3, 5], torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        teacher_forced = decoder(features, tokens, lengths).logits  # (3, 5, VOCAB)
-        state = decoder.init_state(features)
-        for t in range(tokens.shape[1] - 1):
-            logits, state, _ = decoder.step(tokens[:, t], state, features)
-            for row, length in enumerate(lengths.tolist()):
-                if t < length - 1:
-                    torch.testing.assert_close(logits[row], teacher_forced[row, t])
-
-
-def test_greedy_decoding_follows_the_argmax_and_stops_at_eos() -> None:
-    torch.manual_seed(0)
-    decoder = ShowTellDecoder(VOCAB, encoder_dim=6, embed_dim=8, hidden_size=10).eval()
-    features = EncodedImages(torch.randn(4, 6), None)
-    decoded = greedy_decode(decoder, features, BOS, EOS, max_length=7)
-    for row in range(4):
-        single = EncodedImages(features.global_features[row:row + 1], None)
-        state, token, expected, log_prob = decoder.init_state(single), torch.tensor([BOS]), [], 0.0
-        for _ in range(7):
-            logits, state, _ = decoder.step(token, state, single)
-            log_probs = torch.log_softmax(logits, -1)
-            token = log_probs.argmax(-1)
-            log_prob += log_probs[0, token].item()
-            if token.item() == EOS:
-                break
-            expected.append(token.item())
-        got = decoded.tokens[row].tolist()
-        assert got[:len(expected)] == expected and all(t == 0 for t in got[len(expected):])
-        assert decoded.log_probs[row].item() == pytest.approx(log_prob, abs=1e-5)
 
 
 def test_encoder_returns_global_vector_and_grid_of_any_torchvision_backbone() -> None:

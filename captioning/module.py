@@ -62,7 +62,9 @@ class CaptioningModule(pl.LightningModule):
         self.test_captions: dict[int, str] = {}
         self.test_metrics: dict[str, float] = {}
 
-    def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: CaptionBatch | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
+            return None
         features = self.captioner.encode(batch.images).select(batch.caption_image_index)
         probability = self.sampling_schedule.probability(self.current_epoch) if self.sampling_schedule else 0.0
         if probability > 0:
@@ -86,8 +88,10 @@ class CaptioningModule(pl.LightningModule):
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
 
-    def _evaluation_step(self, batch: CaptionBatch, stage: str) -> None:
+    def _evaluation_step(self, batch: CaptionBatch | None, stage: str) -> None:
         """Loss on every reference caption, and one generated caption per image."""
+        if batch is None:
+            return
         features = self.captioner.encode(batch.images)
         if batch.tokens.numel():
             output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)

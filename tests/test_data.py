@@ -1,14 +1,20 @@
+import csv
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 
 from captioning.data.batch import collate_captions
 from captioning.data.datamodule import CaptionDataModule
-from captioning.data.datasets import AnnotationError, load_coco_captions
+from captioning.data.datasets import (KARPATHY_SPLITS, AnnotationError, load_annotations, load_caption_table,
+                                      load_coco_captions, load_karpathy_split)
+from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import SPECIAL_TOKENS, Vocabulary
 from tests.conftest import TINY_SHAPES
@@ -138,3 +144,145 @@ def test_images_without_captions_are_skipped_and_counted(tiny_shapes: Path, tmp_
     assert "skipped 1 images that have no caption" in caplog.text
     assert dropped not in datamodule.references("val")
     assert len(datamodule.references("val")) == TINY_SHAPES.num_val - 1
+
+
+def test_karpathy_split_sizes_ids_and_restval_merge(shared_data: Path) -> None:
+    mini = shared_data / "coco-val2017-mini"
+    karpathy_file = mini / "dataset_coco_mini.json"
+    entries = json.loads(karpathy_file.read_text())["images"]
+    sizes = {split: len(load_karpathy_split(karpathy_file, mini, [split])) for split in KARPATHY_SPLITS}
+    assert sizes == {split: sum(e["split"] == split for e in entries) for split in KARPATHY_SPLITS}
+    assert sizes == {"train": 175, "restval": 25, "val": 25, "test": 25}
+    coco = COCO(str(mini / "annotations" / "captions_mini.json"))
+    for image in load_karpathy_split(karpathy_file, mini):
+        assert image.path.is_file() and image.image_id in coco.imgs  # ids are COCO ids
+        assert coco.imgs[image.image_id]["file_name"] == image.path.name
+        assert len(image.captions) == 5
+    splits = {split: {"annotations": "dataset_coco_mini.json", "images": ".", "subsets": [split]}
+              for split in ("train", "val", "test")}
+    merged = CaptionDataModule(mini, splits, format="karpathy", image_size=32, min_word_count=1)
+    merged.setup()
+    assert [len(merged.references(s)) for s in ("train", "val", "test")] == [200, 25, 25]
+    apart = CaptionDataModule(mini, splits, format="karpathy", merge_restval=False, image_size=32, min_word_count=1)
+    apart.setup()
+    assert len(apart.references("train")) == 175
+
+
+def test_the_grayscale_coco_photo_loads_as_three_channels(shared_data: Path) -> None:
+    mini = shared_data / "coco-val2017-mini"
+    splits = {s: {"annotations": "annotations/captions_mini.json", "images": "val2017"}
+              for s in ("train", "val", "test")}
+    datamodule = CaptionDataModule(mini, splits, image_size=32, min_word_count=1)
+    datamodule.setup()
+    dataset = datamodule._datasets["val"]
+    modes = {image.image_id: Image.open(image.path).mode for image in dataset.images}
+    grayscale = [index for index, image in enumerate(dataset.images) if modes[image.image_id] == "L"]
+    assert len(grayscale) == 1
+    item = dataset[grayscale[0]]
+    assert item.image.shape == (3, 32, 32)
+    assert torch.equal(item.image[0], item.image[1]) and torch.equal(item.image[1], item.image[2])
+
+
+def _folder(tmp_path: Path, rows: list[dict], table: str = "captions.jsonl") -> Path:
+    images = tmp_path / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in {row["file"] for row in rows}:
+        Image.new("RGB", (8, 8), (len(name) * 20 % 255, 0, 0)).save(images / name)
+    if table.endswith(".csv"):
+        with open(tmp_path / table, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        (tmp_path / table).write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return tmp_path / table
+
+
+def test_folder_tables_with_a_split_column_or_a_seeded_ratio(tmp_path: Path) -> None:
+    rows = [{"file": "b.jpg", "caption": "a dog", "split": "train"}, {"file": "a.jpg", "caption": "a cat",
+            "split": "val"}, {"file": "b.jpg", "caption": "one dog", "split": "train"},
+            {"file": "c.png", "caption": "a car", "split": "test"}]
+    table = _folder(tmp_path / "jsonl", rows)
+    train = load_annotations("folder", table, tmp_path / "jsonl" / "images", ["train"])
+    assert [(i.image_id, i.path.name, i.captions) for i in train] == [(2, "b.jpg", ("a dog", "one dog"))]
+    assert [i.path.name for i in load_annotations("folder", table, tmp_path / "jsonl" / "images", ["val"])] == ["a.jpg"]
+
+    many = [{"file": f"{n:03d}.jpg", "caption": f"picture {n}"} for n in range(200)]
+    csv_table = _folder(tmp_path / "csv", many, "captions.csv")
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    assigned = {s: {i.path.name for i in load_caption_table(csv_table, tmp_path / "csv" / "images", [s], ratios, 7)}
+                for s in ratios}
+    assert sum(map(len, assigned.values())) == 200 and 130 <= len(assigned["train"]) <= 190
+    more = _folder(tmp_path / "csv", many + [{"file": "new.jpg", "caption": "a new picture"}], "captions.csv")
+    again = {s: {i.path.name for i in load_caption_table(more, tmp_path / "csv" / "images", [s], ratios, 7)}
+             for s in ratios}
+    assert all(assigned[s] <= again[s] for s in ratios)  # adding a file moves no other file
+    other_seed = {i.path.name for i in load_caption_table(csv_table, tmp_path / "csv" / "images", ["train"], ratios, 8)}
+    assert other_seed != assigned["train"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"file": "a.jpg", "caption": "x"}\n{"file": "a.jpg"}\n')
+    with pytest.raises(AnnotationError, match=r"bad.jsonl: line 2 has no field 'caption'"):
+        load_caption_table(bad, tmp_path)
+    (tmp_path / "bad.csv").write_text("name,caption\na.jpg,x\n")
+    with pytest.raises(AnnotationError, match=r"lacks the column\(s\) \['file'\]"):
+        load_caption_table(tmp_path / "bad.csv", tmp_path)
+    (tmp_path / "latin1.jsonl").write_bytes('{"file": "a.jpg", "caption": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(AnnotationError, match="latin1.jsonl is not UTF-8"):
+        load_caption_table(tmp_path / "latin1.jsonl", tmp_path)
+
+
+def _break_images(root: Path) -> tuple[Path, Path]:
+    """In a copy of the tiny dataset: delete one train image, truncate another (its header survives)."""
+    train = sorted((root / "images" / "train").iterdir())
+    missing, truncated = train[0], train[1]
+    missing.unlink()
+    larger = root / "larger.png"
+    Image.open(truncated).convert("RGB").resize((256, 256)).save(larger)
+    data = larger.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # a PNG cut in its pixel data
+    larger.unlink()
+    return missing, truncated
+
+
+def test_bad_images_stop_before_training_or_are_skipped_and_counted(tiny_shapes: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_shapes, root)
+    missing, truncated = _break_images(root)
+    strict = CaptionDataModule(root, SPLITS, image_size=32, min_word_count=1)
+    with pytest.raises(ValueError, match=f"1 train images cannot be used: .*{missing.name}: file not found.*"
+                                         "data.on_bad_image=skip"):
+        strict.setup()
+    nowhere = CaptionDataModule(root, {**SPLITS, "val": {**SPLITS["val"], "images": "elsewhere"}}, min_word_count=1,
+                                on_bad_image="skip")
+    with pytest.raises(FileNotFoundError, match="none of the 10 val images exists.*data.splits.val.images"):
+        nowhere.setup()
+
+    lenient = CaptionDataModule(root, SPLITS, image_size=32, min_word_count=1, batch_size=4, on_bad_image="skip")
+    with caplog.at_level("WARNING"):
+        lenient.setup()
+        batches = list(lenient.train_dataloader())
+    assert f"skipped train image {missing}: file not found" in caplog.text
+    assert "train: skipped 1 of 48 images" in caplog.text
+    assert f"skipped image {truncated}: cannot decode" in caplog.text  # found when decoded, logged once
+    seen = torch.cat([b.image_ids for b in batches if b is not None])
+    assert len(seen) == TINY_SHAPES.num_train - 2 and len(set(seen.tolist())) == len(seen)
+
+    lenient._datasets["train"].skip_bad_images = False
+    index = [i.path for i in lenient._datasets["train"].images].index(truncated)
+    with pytest.raises(BadImageError, match=f"{truncated.name}: cannot decode.*data.on_bad_image=skip"):
+        lenient._datasets["train"][index]
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.png"
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 50000, 50000)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    for check in (probe_image, open_rgb):
+        with pytest.raises(BadImageError, match="2500000000 pixels.*decompression bomb") as error:
+            check(path)
+        assert error.value.reason == "too_large"

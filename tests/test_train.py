@@ -14,11 +14,13 @@ from captioning.evaluation.coco import CocoCaptionEvaluator
 from tests.conftest import PROJECT_ROOT, TINY_SHAPES
 import train
 
-TINY_OVERRIDES = [
+TINY_SHAPES_OVERRIDES = [
     f"data.generate_shapes.num_train={TINY_SHAPES.num_train}",
     f"data.generate_shapes.num_val={TINY_SHAPES.num_val}",
     f"data.generate_shapes.num_test={TINY_SHAPES.num_test}",
     f"data.generate_shapes.seed={TINY_SHAPES.seed}",
+]
+TINY_OVERRIDES = [
     "data.batch_size=8",
     "data.image_size=64",
     "data.min_word_count=1",
@@ -29,9 +31,10 @@ TINY_OVERRIDES = [
 ]
 
 
-def _config(tmp_path: Path, data_dir: Path, overrides: list[str]) -> DictConfig:
+def _config(tmp_path: Path, data_dir: Path, overrides: list[str], shapes: bool = True) -> DictConfig:
+    tiny = [*TINY_SHAPES_OVERRIDES, *TINY_OVERRIDES] if shapes else TINY_OVERRIDES
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+        cfg = compose("train", overrides=[*tiny, *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
@@ -97,3 +100,27 @@ def test_every_decoder_and_encoder_config_trains_and_scores(tmp_path: Path, tiny
     cfg = _config(tmp_path, tiny_shapes.parent, [*QUICK, *overrides])
     metrics = train.run(cfg)
     assert metrics["test/CIDEr"] >= 0.0 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def _every_split(key: str, value: str) -> list[str]:
+    return [f"data.splits.{split}.{key}={value}" for split in ("train", "val", "test")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["data=coco2017", *_every_split("annotations", "annotations/captions_mini.json"),
+     *_every_split("images", "val2017")],
+    ["data=coco2014_karpathy", *_every_split("annotations", "dataset_coco_mini.json")],
+    # the official val2017 file lists 5,000 images, 250 of them present: skip mode trains on those
+    ["data=coco2017", "data.splits.train.annotations=annotations/captions_mini.json",
+     *_every_split("images", "val2017"), "data.on_bad_image=skip"],
+], ids=["coco2017", "karpathy", "coco2017-skip-missing"])
+def test_training_runs_on_real_coco_photos(tmp_path: Path, shared_data: Path, overrides: list[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _config(tmp_path, shared_data / "coco-val2017-mini", [*QUICK, "data.num_workers=0", *overrides],
+                  shapes=False)
+    with caplog.at_level("WARNING"):
+        metrics = train.run(cfg)
+    assert metrics["test/CIDEr"] >= 0.0 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    if "data.on_bad_image=skip" in overrides:
+        assert "val: skipped 4750 of 5000 images that cannot be used" in caplog.text

@@ -25,8 +25,15 @@ class CaptionBatch:
     caption_image_index: torch.Tensor  # (num_captions,)
 
 
-def collate_captions(items: Sequence[DatasetItem]) -> CaptionBatch:
-    """Stack images and pad every caption in the batch to the longest one."""
+def collate_captions(items: Sequence[DatasetItem | None]) -> CaptionBatch | None:
+    """Stack images and pad every caption in the batch to the longest one.
+
+    ``None`` items (images skipped as unreadable) are dropped; a batch of nothing is ``None``,
+    which the module skips.
+    """
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
     captions = [caption for item in items for caption in item.captions]
     owners = [row for row, item in enumerate(items) for _ in item.captions]
     tokens = (pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD_ID)

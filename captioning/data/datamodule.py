@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from captioning.data.batch import CaptionBatch, collate_captions
-from captioning.data.datasets import CaptionDataset, CaptionedImage, load_coco_captions
+from captioning.data.datasets import FORMATS, CaptionDataset, CaptionedImage, load_annotations
+from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.shapes import SPLITS, ShapesConfig, ensure_shapes_dataset
 from captioning.data.tokenize import tokenize
 from captioning.data.transforms import build_image_transform
@@ -19,23 +20,36 @@ from captioning.data.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 
-class CaptionDataModule(pl.LightningDataModule):
-    """COCO-format caption data; the vocabulary comes from the training captions alone.
+ON_BAD_IMAGE = ("error", "skip")
+MAX_LISTED = 20  # bad images named one by one in the log; the rest are counted
 
-    ``splits`` maps each split to ``{"annotations": file, "images": dir}``, relative to ``root``.
+
+class CaptionDataModule(pl.LightningDataModule):
+    """Caption data in any supported format; the vocabulary comes from the training captions alone.
+
+    ``splits`` maps train / val / test to ``{"annotations": file, "images": dir}`` relative to
+    ``root``, plus ``"subsets"``: the Karpathy splits (or a folder table's split names) that make it
+    up. ``merge_restval`` adds Karpathy's ``restval`` to train, as the standard recipes do.
     ``generate_shapes`` (the built-in dataset's settings) writes ``root`` on first use.
+    ``on_bad_image``: ``error`` stops before training at the first missing, unreadable or oversized
+    image (named, with the reason); ``skip`` leaves such images out, logging each and the count.
     """
 
     def __init__(
         self,
         root: str | os.PathLike,
-        splits: Mapping[str, Mapping[str, str]],
+        splits: Mapping[str, Mapping[str, Any]],
+        format: str = "coco",
+        merge_restval: bool = True,
+        split_ratios: Mapping[str, float] | None = None,
+        split_seed: int = 0,
         image_size: int = 224,
         batch_size: int = 32,
         num_workers: int = 0,
         min_word_count: int = 5,
         max_caption_length: int = 16,
         train_captions_per_image: str = "all",
+        on_bad_image: str = "error",
         generate_shapes: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -43,14 +57,23 @@ class CaptionDataModule(pl.LightningDataModule):
         missing = [s for s in SPLITS if s not in splits]
         if missing:
             raise ValueError(f"data.splits lacks {missing}; each of {SPLITS} needs 'annotations' and 'images'")
+        if format not in FORMATS:
+            raise ValueError(f"data.format must be one of {FORMATS}, got {format!r}")
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"data.on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.root = Path(root)
         self.splits = {name: dict(paths) for name, paths in splits.items()}
+        self.format = format
+        self.merge_restval = merge_restval
+        self.split_ratios = dict(split_ratios) if split_ratios else None
+        self.split_seed = split_seed
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.min_word_count = min_word_count
         self.max_caption_length = max_caption_length
         self.train_captions_per_image = train_captions_per_image
+        self.on_bad_image = on_bad_image
         self.shapes_config = ShapesConfig(**generate_shapes) if generate_shapes is not None else None
         self.pin_memory = pin_memory
         self.vocab: Vocabulary | None = None
@@ -66,19 +89,56 @@ class CaptionDataModule(pl.LightningDataModule):
         if self._datasets:
             return
         for split in SPLITS:
-            paths = self.splits[split]
-            images = load_coco_captions(self.root / paths["annotations"], self.root / paths["images"])
-            self._images[split] = [image for image in images if image.captions]
-            if len(self._images[split]) < len(images):
-                log.warning("%s: skipped %d images that have no caption", self.root / paths["annotations"],
-                            len(images) - len(self._images[split]))
+            self._images[split] = self._usable(split, self._load(split))
         train_tokens = [tokenize(c) for image in self._images["train"] for c in image.captions]
         self.vocab = Vocabulary.build(train_tokens, self.min_word_count)
         self._log_statistics(train_tokens)
         transform = build_image_transform(self.image_size)
         for split in SPLITS:
             sampling = self.train_captions_per_image if split == "train" else "all"
-            self._datasets[split] = CaptionDataset(self._images[split], self._encode, transform, sampling)
+            self._datasets[split] = CaptionDataset(
+                self._images[split], self._encode, lambda image: transform(open_rgb(image.path)[0]), sampling,
+                skip_bad_images=self.on_bad_image == "skip")
+
+    def _load(self, split: str) -> list[CaptionedImage]:
+        paths = self.splits[split]
+        subsets = list(paths.get("subsets") or [split])
+        if self.format == "karpathy" and split == "train" and self.merge_restval and "restval" not in subsets:
+            subsets.append("restval")
+        annotations = paths.get("annotations")
+        return load_annotations(self.format, self.root / annotations if annotations else None,
+                                self.root / paths["images"], subsets, self.split_ratios, self.split_seed)
+
+    def _usable(self, split: str, images: list[CaptionedImage]) -> list[CaptionedImage]:
+        """The split's images that have captions and a sound header (or an error, per ``on_bad_image``)."""
+        captioned = [image for image in images if image.captions]
+        if len(captioned) < len(images):
+            log.warning("%s: skipped %d images that have no caption", split, len(images) - len(captioned))
+        bad: list[BadImageError] = []
+        for image in captioned:
+            try:
+                probe_image(image.path)
+            except BadImageError as error:
+                bad.append(error)
+        if bad and len(bad) == len(captioned) and all(error.reason == "missing" for error in bad):
+            raise FileNotFoundError(f"none of the {len(bad)} {split} images exists, e.g. {bad[0].path}: check "
+                                    f"data.root ({self.root}) and data.splits.{split}.images")
+        if bad and self.on_bad_image == "error":
+            listed = "; ".join(str(error) for error in bad[:MAX_LISTED])
+            raise ValueError(f"{len(bad)} {split} images cannot be used: {listed}"
+                             f"{' ...' if len(bad) > MAX_LISTED else ''}. Fix or remove them, or set "
+                             "data.on_bad_image=skip to train on the rest")
+        for error in bad[:MAX_LISTED]:
+            log.warning("skipped %s image %s", split, error)
+        if bad:
+            log.warning("%s: skipped %d of %d images that cannot be used%s", split, len(bad), len(captioned),
+                        f" (the first {MAX_LISTED} named above)" if len(bad) > MAX_LISTED else "")
+        unusable = {error.path for error in bad}
+        usable = [image for image in captioned if image.path not in unusable]
+        if not usable:
+            raise ValueError(f"the {split} split has no usable captioned image (root {self.root}, "
+                             f"{self.splits[split]})")
+        return usable
 
     def _encode(self, caption: str) -> list[int]:
         return self.vocab.encode(tokenize(caption), self.max_caption_length)

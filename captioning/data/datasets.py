@@ -1,17 +1,22 @@
-"""Caption datasets: the COCO-format loader and the torch ``Dataset`` every split goes through."""
+"""Caption datasets: loaders for every format (COCO, Karpathy split, your own folder, images only)
+and the torch ``Dataset`` every split goes through."""
 
+import csv
+import hashlib
+import io
 import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from captioning.data.images import BadImageError
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +43,53 @@ class DatasetItem:
     captions: list[torch.Tensor]  # each (caption_length + 2,): <bos> words <eos>
 
 
+FORMATS = ("coco", "karpathy", "folder", "images")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_SPLIT_RATIOS = {"train": 0.9, "val": 0.05, "test": 0.05}
+
+
+def load_annotations(format: str, annotations: str | os.PathLike | None, images: str | os.PathLike,
+                     splits: Sequence[str] | None = None, split_ratios: Mapping[str, float] | None = None,
+                     seed: int = 0) -> list[CaptionedImage]:
+    """Images and raw captions of a dataset in any supported format, ordered by image id.
+
+    ``splits`` selects the Karpathy splits (train / restval / val / test) or the folder table's
+    splits to keep (None: all). ``split_ratios`` and ``seed`` assign a folder table's rows that have
+    no split column.
+    """
+    if format == "coco":
+        return load_coco_captions(_needs(annotations, format), images)
+    if format == "karpathy":
+        return load_karpathy_split(_needs(annotations, format), images, splits)
+    if format == "folder":
+        return load_caption_table(_needs(annotations, format), images, splits, split_ratios, seed)
+    if format == "images":
+        return load_image_folder(images)
+    raise ValueError(f"unknown data format {format!r}; choose one of {FORMATS}")
+
+
+def _needs(annotations: str | os.PathLike | None, format: str) -> Path:
+    if annotations is None:
+        raise ValueError(f"the {format!r} format needs an annotation file")
+    return Path(annotations)
+
+
+def _read_json(annotation_file: Path) -> Any:
+    try:
+        with open(annotation_file, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {annotation_file} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{annotation_file} is not UTF-8 text: {error}") from None
+    except json.JSONDecodeError as error:
+        raise AnnotationError(f"{annotation_file} is not valid JSON: {error}") from None
+
+
 def load_coco_captions(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> list[CaptionedImage]:
     """Read a COCO caption file (``{"images": [...], "annotations": [...]}``), ordered by image id."""
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    try:
-        with open(annotation_file, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {annotation_file} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise AnnotationError(f"{annotation_file} is not valid JSON: {error}") from None
+    data = _read_json(annotation_file)
     if not isinstance(data, dict):
         raise AnnotationError(f"{annotation_file}: expected a JSON object with 'images' and 'annotations'")
     images = _require(data, "images", list, annotation_file, "the top-level object")
@@ -75,6 +117,121 @@ def load_coco_captions(annotation_file: str | os.PathLike, image_dir: str | os.P
             for image_id in sorted(files)]
 
 
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def load_karpathy_split(dataset_file: str | os.PathLike, image_root: str | os.PathLike,
+                        splits: Sequence[str] | None = None) -> list[CaptionedImage]:
+    """Read a Karpathy split file (``dataset_coco.json``, ``dataset_flickr8k.json``, ...).
+
+    Image ids are ``cocoid`` when present (so COCO's own ids and annotations match), else ``imgid``;
+    paths are ``image_root / filepath / filename`` (Flickr files have no ``filepath``); captions are
+    the ``raw`` sentences.
+    """
+    dataset_file, image_root = Path(dataset_file), Path(image_root)
+    unknown = sorted(set(splits or ()) - set(KARPATHY_SPLITS))
+    if unknown:
+        raise ValueError(f"unknown Karpathy splits {unknown}; they are {KARPATHY_SPLITS}")
+    data = _read_json(dataset_file)
+    images = _require(data, "images", list, dataset_file, "the top-level object")
+    result: dict[int, CaptionedImage] = {}
+    for index, image in enumerate(images):
+        where = f"images[{index}]"
+        split = _require(image, "split", str, dataset_file, where)
+        if splits is not None and split not in splits:
+            continue
+        key = "cocoid" if isinstance(image, dict) and "cocoid" in image else "imgid"
+        image_id = _require(image, key, int, dataset_file, where)
+        if image_id in result:
+            raise AnnotationError(f"{dataset_file}: {where} repeats {key} {image_id}")
+        sentences = _require(image, "sentences", list, dataset_file, where)
+        captions = tuple(_require(sentence, "raw", str, dataset_file, f"{where}.sentences[{j}]")
+                         for j, sentence in enumerate(sentences))
+        folder = image.get("filepath", "")
+        path = image_root / folder / _require(image, "filename", str, dataset_file, where)
+        result[image_id] = CaptionedImage(image_id, path, captions)
+    return [result[image_id] for image_id in sorted(result)]
+
+
+def load_caption_table(table_file: str | os.PathLike, image_dir: str | os.PathLike,
+                       splits: Sequence[str] | None = None, split_ratios: Mapping[str, float] | None = None,
+                       seed: int = 0) -> list[CaptionedImage]:
+    """Your own data: ``(file, caption[, split])`` rows in a JSONL or CSV file, images in ``image_dir``.
+
+    Rows of the same file are captions of one image. Image ids number the distinct files in sorted
+    order (1, 2, ...). Files without a split column are assigned by a seeded hash of their name
+    with ``split_ratios`` (default 90/5/5 train/val/test), so adding files never moves the others.
+    """
+    table_file, image_dir = Path(table_file), Path(image_dir)
+    rows = _read_table(table_file)
+    captions: dict[str, list[str]] = {}
+    assigned: dict[str, str] = {}
+    for where, row in rows:
+        name = _require(row, "file", str, table_file, where)
+        caption = _require(row, "caption", str, table_file, where)
+        captions.setdefault(name, []).append(caption)
+        split = row.get("split") or None
+        if split is not None:
+            if assigned.get(name, split) != split:
+                raise AnnotationError(f"{table_file}: {where} puts {name} in split {split!r}, "
+                                      f"an earlier row in {assigned[name]!r}")
+            assigned[name] = split
+    ratios = dict(split_ratios or DEFAULT_SPLIT_RATIOS)
+    result = []
+    for image_id, name in enumerate(sorted(captions), start=1):
+        split = assigned.get(name) or _hashed_split(name, ratios, seed)
+        if splits is None or split in splits:
+            result.append(CaptionedImage(image_id, image_dir / name, tuple(captions[name])))
+    return result
+
+
+def _read_table(table_file: Path) -> list[tuple[str, Any]]:
+    """``(where, row)`` pairs of a JSONL file (one object per line) or a CSV file with a header."""
+    try:
+        text = table_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"caption table {table_file} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{table_file} is not UTF-8 text: {error}") from None
+    if table_file.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = {"file", "caption"} - set(reader.fieldnames or ())
+        if missing:
+            raise AnnotationError(f"{table_file}: the CSV header lacks the column(s) {sorted(missing)}")
+        return [(f"row {number}", row) for number, row in enumerate(reader, start=2)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise AnnotationError(f"{table_file}: line {number} is not valid JSON: {error}") from None
+    return rows
+
+
+def _hashed_split(name: str, ratios: Mapping[str, float], seed: int) -> str:
+    """A split for ``name`` drawn from ``ratios`` by a hash of (seed, name): stable across runs."""
+    total = sum(ratios.values())
+    if total <= 0:
+        raise ValueError(f"split_ratios must be positive, got {dict(ratios)}")
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2 ** 64 * total
+    for split, ratio in ratios.items():
+        point -= ratio
+        if point < 0:
+            return split
+    return next(reversed(ratios))
+
+
+def load_image_folder(image_dir: str | os.PathLike) -> list[CaptionedImage]:
+    """Images only (for caption generation): every image file under ``image_dir``, sorted, ids 1, 2, ..."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder {image_dir} does not exist")
+    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return [CaptionedImage(image_id, path, ()) for image_id, path in enumerate(files, start=1)]
+
+
 def _require(record: Any, field: str, kind: type, source: Path, where: str) -> Any:
     if not isinstance(record, dict) or field not in record:
         raise AnnotationError(f"{source}: {where} has no field '{field}'")
@@ -85,34 +242,49 @@ def _require(record: Any, field: str, kind: type, source: Path, where: str) -> A
     return value
 
 
-class CaptionDataset(Dataset[DatasetItem]):
+class CaptionDataset(Dataset[DatasetItem | None]):
     """One item per image, carrying all its captions or one drawn at random per visit.
 
     Encoding every caption of an image in one item lets the module run the CNN once per image
     and train on all its captions; validation and test visit each image exactly once.
+    ``load_image`` gives an image's pixels (decoded from its file, or from a resized-image cache).
+    An image that fails to load stops with a ``BadImageError`` naming it, or, with
+    ``skip_bad_images``, is logged once and yields ``None`` (``collate_captions`` drops it).
     """
 
     def __init__(
         self,
         images: Sequence[CaptionedImage],
         encode_caption: Callable[[str], list[int]],
-        transform: Callable[[Image.Image], torch.Tensor],
+        load_image: Callable[[CaptionedImage], torch.Tensor],
         captions_per_image: str = "all",
+        skip_bad_images: bool = False,
     ) -> None:
         if captions_per_image not in ("all", "random"):
             raise ValueError(f"captions_per_image must be 'all' or 'random', got {captions_per_image!r}")
         self.images = list(images)
-        self.transform = transform
+        self.load_image = load_image
         self.captions_per_image = captions_per_image
+        self.skip_bad_images = skip_bad_images
         self.encoded = [[torch.tensor(encode_caption(c)) for c in image.captions] for image in self.images]
+        self._reported: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> DatasetItem:
+    def __getitem__(self, index: int) -> DatasetItem | None:
         image = self.images[index]
-        with Image.open(image.path) as file:
-            pixels = self.transform(file.convert("RGB"))
+        try:
+            pixels = self.load_image(image)
+        except BadImageError as error:
+            if not self.skip_bad_images:
+                raise BadImageError(error.path, error.reason,
+                                    f"{error.detail} (data.on_bad_image=skip trains without it)") from None
+            if index not in self._reported:
+                self._reported.add(index)
+                log.warning("skipped image %s: %s (%d skipped in this split so far)", error.path, error.detail,
+                            len(self._reported))
+            return None
         captions = self.encoded[index]
         if self.captions_per_image == "random" and captions:
             captions = [random.choice(captions)]

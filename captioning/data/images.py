@@ -6,6 +6,8 @@ text saved as ``.jpg`` and headers claiming billions of pixels. PIL raises a dif
 """
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,21 +59,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: str | Path) -> tuple[Image.Image, ImageInfo]:
-    """Decode ``path`` fully into an RGB image, or raise ``BadImageError`` saying why not."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadImageError(path, "missing", "file not found")
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn PIL's many failures while reading ``path`` into ``BadImageError``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_header(image, path)
-                image.load()
-                mode = image.mode
-                rgb = _to_rgb(image)
-                if rgb is image:
-                    rgb = image.copy()
+            yield
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -81,4 +75,31 @@ def open_rgb(path: str | Path) -> tuple[Image.Image, ImageInfo]:
         raise BadImageError(path, "unreadable", kind) from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data
         raise BadImageError(path, "unreadable", f"cannot decode: {error}") from None
+
+
+def open_rgb(path: str | Path) -> tuple[Image.Image, ImageInfo]:
+    """Decode ``path`` fully into an RGB image, or raise ``BadImageError`` saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadImageError(path, "missing", "file not found")
+    with _reading(path), Image.open(path) as image:
+        _check_header(image, path)
+        image.load()
+        mode = image.mode
+        rgb = _to_rgb(image)
+        if rgb is image:
+            rgb = image.copy()
     return rgb, ImageInfo(rgb.width, rgb.height, None if mode == "RGB" else f"{mode}->RGB")
+
+
+def probe_image(path: str | Path) -> None:
+    """Check what the header tells without decoding: the file exists, is an image, is not too large.
+
+    Cheap enough to run over a whole dataset before training; truncated data only shows when
+    ``open_rgb`` decodes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadImageError(path, "missing", "file not found")
+    with _reading(path), Image.open(path) as image:
+        _check_header(image, path)

@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
-    model = instantiate(cfg.model, vocab=datamodule.vocab.tokens)
+    model = instantiate(cfg.model, vocab=datamodule.vocab.tokens, image_size=datamodule.image_size)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

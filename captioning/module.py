@@ -1,4 +1,4 @@
-"""CaptioningModule: the LightningModule that trains a ``Captioner`` and scores its captions."""
+"""CaptioningModule: the LightningModule that trains an ``EncoderDecoder`` and scores its captions."""
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +31,8 @@ class CaptioningModule(pl.LightningModule):
     rebuilds the model (``torch.load(..., weights_only=True)`` reads it: plain types only).
     ``attention_penalty`` weighs the doubly-stochastic attention loss (attention decoders only);
     ``encoder_lr`` gives the encoder's trainable stages their own learning rate; ``beam_size`` 1
-    decodes greedily during validation/test, more uses batched beam search.
+    decodes greedily during validation/test, more uses batched beam search. ``image_size`` records
+    the input size the model was trained at, for captioning new images from the checkpoint alone.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class CaptioningModule(pl.LightningModule):
         max_decode_length: int = 20,
         beam_size: int = 1,
         length_penalty: float = 0.0,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])

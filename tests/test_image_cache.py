@@ -9,9 +9,7 @@ from PIL import Image
 
 from captioning.data import image_cache
 from captioning.data.datasets import CaptionedImage
-from captioning.data.image_cache import (
-    ImageCache, MissingImageCacheError, cache_key, write_image_cache,
-)
+from captioning.data.image_cache import ImageCache, MissingImageCacheError, cache_key, write_image_cache
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.transforms import build_image_transform
 

@@ -117,7 +117,7 @@ def test_the_module_runs_as_a_command(planted) -> None:
     annotations, images = planted
     result = subprocess.run([sys.executable, "-m", "captioning.data.prepare",
                              *_arguments(annotations, images, "--check-only")],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                            check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "COLUMNS": "80"})
     assert result.returncode == 1, result.stderr
     _assert_every_problem_listed(result.stdout, images)
@@ -220,3 +220,10 @@ def test_the_shared_real_photos(shared_data: Path, tmp_path: Path, capsys) -> No
     assert counts["images"] == counts["found"] == counts["usable"] == 250
     assert counts["converted"] == {"grayscale": 1}
     assert counts["captions"] == 1250 and counts["empty_captions"] == counts["missing"] == 0
+
+
+def test_the_shared_karpathy_split(shared_data: Path, capsys) -> None:
+    root = shared_data / "coco-val2017-mini"
+    assert main(["--format", "karpathy", "--annotations", str(root / "dataset_coco_mini.json"),
+                 "--images", str(root), "--split", "val", "test", "--check-only", "--no-progress"]) == 0
+    assert "no errors; exit status 0" in capsys.readouterr().out

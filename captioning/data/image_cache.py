@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,7 +103,7 @@ class ImageCacheReport:
 def _sorted_unique(images: Sequence[CaptionedImage]) -> list[CaptionedImage]:
     """Images ordered by id (the layout must not depend on the caller's order); repeated ids refused."""
     ordered = sorted(images, key=lambda image: image.image_id)
-    repeated = sorted({a.image_id for a, b in zip(ordered, ordered[1:]) if a.image_id == b.image_id})
+    repeated = sorted({a.image_id for a, b in pairwise(ordered) if a.image_id == b.image_id})
     if repeated:
         raise ValueError(f"image ids must be unique to be cached; repeated: {repeated[:10]}"
                          f"{' ...' if len(repeated) > 10 else ''}")
@@ -408,7 +409,8 @@ class ImageCache:
         self.directory = folder
         self.manifest = manifest
         self.image_size: int = manifest["image_size"]
-        self._index = {int(k): (shard, row) for k, (shard, row) in json.loads((folder / INDEX_NAME).read_text()).items()}
+        index = json.loads((folder / INDEX_NAME).read_text())
+        self._index = {int(k): (shard, row) for k, (shard, row) in index.items()}
         self.bad = {entry.image_id: entry for entry in _report(folder, manifest, False).bad}
         self._shards: dict[int, np.ndarray] = {}
 
@@ -443,9 +445,11 @@ class ImageCache:
         raise MissingImageCacheError(
             f"no complete image cache of these {len(images)} images at {image_size}px in {directory} "
             f"(expected {exact.name}/{MANIFEST_NAME}); "
-            + (f"it holds {', '.join(found)}, for other images, files or sizes; " if found else "it holds no complete cache; ")
+            + (f"it holds {', '.join(found)}, for other images, files or sizes; " if found
+               else "it holds no complete cache; ")
             + (f"unfinished writes: {', '.join(unfinished)} (rerun to finish); " if unfinished else "")
-            + "write it with write_image_cache(...) or `python -m captioning.data.prepare ... --output DIR --image-cache`")
+            + "write it with write_image_cache(...) or "
+              "`python -m captioning.data.prepare ... --output DIR --image-cache`")
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self._index

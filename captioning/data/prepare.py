@@ -199,7 +199,8 @@ def check_images(images: Sequence[CaptionedImage], progress: bool = True,
     return bad, conversions
 
 
-def findings_from_cache(report: ImageCacheReport, images: Sequence[CaptionedImage]) -> tuple[list[Finding], list[Finding]]:
+def findings_from_cache(report: ImageCacheReport,
+                        images: Sequence[CaptionedImage]) -> tuple[list[Finding], list[Finding]]:
     """The same (bad images, conversions) as ``check_images``, from the cache that decoded them."""
     by_id = {image.image_id: image for image in images}
     bad = [Finding(b.reason, b.path, b.image_id, b.detail) for b in report.bad]
@@ -299,7 +300,8 @@ def build_report(args: argparse.Namespace, images: list[CaptionedImage], writing
 def print_report(console: Console, report: DatasetReport, show: int, full_listing: bool) -> None:
     """A summary table, then the first ``show`` findings of each kind with their files."""
     counts = report.counts()
-    table = Table(title=f"{report.dataset['format']} dataset: {report.dataset['annotations'] or report.dataset['images']}")
+    source = report.dataset["annotations"] or report.dataset["images"]
+    table = Table(title=f"{report.dataset['format']} dataset: {source}")
     table.add_column("check")
     table.add_column("count", justify="right")
     table.add_column("status")

@@ -12,7 +12,7 @@ from captioning.models.encoders import CNNEncoder, EncodedImages
 DECODERS: dict[str, type[nn.Module]] = {"show_tell": ShowTellDecoder, "show_attend_tell": ShowAttendTellDecoder}
 
 
-class Captioner(nn.Module):
+class EncoderDecoder(nn.Module):
     """Encoder + decoder. ``forward`` is the teacher-forced pass; decoding lives in ``captioning.decoding``."""
 
     def __init__(self, encoder: CNNEncoder, decoder: nn.Module) -> None:
@@ -33,11 +33,11 @@ class Captioner(nn.Module):
         return self.decoder.prepare(self.encoder(images))
 
 
-def build_captioner(vocab_size: int, encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> Captioner:
+def build_captioner(vocab_size: int, encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> EncoderDecoder:
     """Build from plain settings (as stored in checkpoints), e.g. ``decoder={"type": "show_tell", ...}``."""
     decoder = dict(decoder)
     kind = decoder.pop("type", "show_tell")
     if kind not in DECODERS:
         raise ValueError(f"unknown decoder type {kind!r}; choose one of {sorted(DECODERS)}")
     cnn = CNNEncoder(**encoder)
-    return Captioner(cnn, DECODERS[kind](vocab_size=vocab_size, encoder_dim=cnn.output_dim, **decoder))
+    return EncoderDecoder(cnn, DECODERS[kind](vocab_size=vocab_size, encoder_dim=cnn.output_dim, **decoder))

@@ -1,0 +1,257 @@
+"""Caption your own images from a checkpoint alone (CLI ``caption`` and Python API).
+
+    caption photos/ more/*.jpg --checkpoint best.ckpt --beam-size 3 --format json --output captions.json
+
+    from captioning.caption import Captioner
+    results = Captioner.from_checkpoint("best.ckpt").caption(["a.jpg", "b.jpg"])
+
+The checkpoint carries the vocabulary, the model settings and the input size, and is read with
+``torch.load(weights_only=True)``. Unreadable images are reported on stderr and skipped; the
+others are still captioned, and the exit status says that something failed.
+"""
+
+import argparse
+import csv
+import glob
+import io
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import track
+
+from captioning.data.datasets import IMAGE_EXTENSIONS
+from captioning.data.images import BadImageError, open_rgb
+from captioning.data.tokenize import detokenize
+from captioning.data.transforms import build_image_transform
+from captioning.data.vocab import Vocabulary
+from captioning.decoding import DecodedCaptions, beam_search, greedy_decode
+from captioning.models.captioner import EncoderDecoder, build_captioner
+
+log = logging.getLogger(__name__)
+
+MODEL_PREFIX = "captioner."  # CaptioningModule keeps its EncoderDecoder as `self.captioner`
+
+
+@dataclass
+class CaptionResult:
+    """One image's caption; ``attention`` (words, grid, grid) for attention models, per generated word."""
+
+    file: str
+    caption: str
+    log_prob: float
+    words: list[str]
+    attention: np.ndarray | None = None
+
+    def as_dict(self) -> dict[str, str | float]:
+        return {"file": self.file, "caption": self.caption, "log_prob": self.log_prob}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    return torch.device(device)
+
+
+class Captioner:
+    """A trained model with its vocabulary and input size, ready to caption image files."""
+
+    def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int, beam_size: int = 3,
+                 max_length: int = 20, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.vocab = vocab
+        self.transform = build_image_transform(image_size)
+        self.beam_size, self.max_length = beam_size, max_length
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", beam_size: int | None = None,
+                        max_length: int | None = None) -> "Captioner":
+        """Rebuild the model from a training checkpoint (no other file, no download)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        settings = checkpoint.get("hyper_parameters")
+        if not settings or "vocab" not in settings or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a captioning checkpoint (no hyper_parameters.vocab / state_dict)")
+        vocab = Vocabulary(settings["vocab"])
+        # the checkpoint holds every weight: build the encoder without loading (or downloading) any
+        encoder = {**settings["encoder"], "weights": None, "weights_path": None}
+        model = build_captioner(len(vocab), encoder, settings["decoder"])
+        state = {key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
+                 if key.startswith(MODEL_PREFIX)}
+        model.load_state_dict(state)
+        return cls(model, vocab, settings.get("image_size") or 224,
+                   beam_size if beam_size is not None else max(3, settings.get("beam_size", 1)),
+                   max_length if max_length is not None else settings.get("max_decode_length", 20),
+                   resolve_device(device))
+
+    def caption(self, images: Sequence[str | Path], batch_size: int = 16) -> list[CaptionResult]:
+        """Captions for image files, in order; a bad file raises ``BadImageError``."""
+        results = []
+        for result in self.caption_files(images, batch_size):
+            if isinstance(result, BadImageError):
+                raise result
+            results.append(result)
+        return results
+
+    def caption_files(self, paths: Sequence[str | Path], batch_size: int = 16, progress: bool = False
+                      ) -> Iterator[CaptionResult | BadImageError]:
+        """One result per path, in order: a caption, or the error that kept the file from being read."""
+        batches = range(0, len(paths), batch_size)
+        if progress:
+            batches = track(batches, description="captioning", total=len(batches), transient=True)
+        for start in batches:
+            loaded: list[tuple[int, torch.Tensor]] = []
+            outcomes: list[CaptionResult | BadImageError | None] = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    loaded.append((len(outcomes), self.transform(open_rgb(path)[0])))
+                    outcomes.append(None)
+                except BadImageError as error:
+                    outcomes.append(error)
+            if loaded:
+                rows = [row for row, _ in loaded]
+                batch_paths = [str(paths[start + row]) for row in rows]
+                for row, result in zip(rows, self._caption_tensors(torch.stack([t for _, t in loaded]), batch_paths)):
+                    outcomes[row] = result
+            yield from outcomes
+
+    @torch.no_grad()
+    def _caption_tensors(self, images: torch.Tensor, names: list[str]) -> list[CaptionResult]:
+        features = self.model.encode(images.to(self.device))
+        decoder, vocab = self.model.decoder, self.vocab
+        if self.beam_size > 1:
+            decoded: DecodedCaptions = beam_search(decoder, features, vocab.bos_id, vocab.eos_id, self.max_length,
+                                                   self.beam_size, vocab.pad_id, min_length=1)
+        else:
+            decoded = greedy_decode(decoder, features, vocab.bos_id, vocab.eos_id, self.max_length, vocab.pad_id,
+                                    min_length=1)
+        results = []
+        for row, name in enumerate(names):
+            words = vocab.decode(decoded.tokens[row].tolist())
+            attention = None
+            if decoded.attention is not None:
+                weights = decoded.attention[row, :len(words)].float().cpu().numpy()  # (words, num_pixels)
+                grid = math.isqrt(weights.shape[1])
+                attention = weights.reshape(len(words), grid, grid)
+            results.append(CaptionResult(name, detokenize(words), float(decoded.log_probs[row]), words, attention))
+        return results
+
+
+def save_attention_map(result: CaptionResult, output: Path) -> None:
+    """The Show-Attend-Tell figure: the image, then one panel per word with its attention overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = np.asarray(open_rgb(result.file)[0])
+    panels = len(result.words) + 1
+    columns = min(panels, 5)
+    rows = math.ceil(panels / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    axes.flat[0].imshow(image)
+    axes.flat[0].set_title(result.caption if len(result.caption) < 40 else result.caption[:37] + "...", fontsize=8)
+    height, width = image.shape[:2]
+    for axis, word, weights in zip(axes.flat[1:], result.words, result.attention):
+        heat = Image.fromarray((weights / max(weights.max(), 1e-12) * 255).astype(np.uint8))
+        axis.imshow(image)
+        axis.imshow(np.asarray(heat.resize((width, height), Image.BILINEAR)), cmap="jet", alpha=0.5)
+        axis.set_title(word, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(output, dpi=80)
+    plt.close(figure)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, recursively, sorted) and globs, in order, each file once."""
+    seen: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif any(char in item for char in "*?["):
+            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+        else:
+            found = [path]
+        for file in found:
+            seen.setdefault(file, None)
+    return list(seen)
+
+
+def format_results(results: list[CaptionResult], output_format: str) -> str:
+    if output_format == "json":
+        return json.dumps([r.as_dict() for r in results], indent=2) + "\n"
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["file", "caption", "log_prob"])
+        writer.writeheader()
+        writer.writerows(r.as_dict() for r in results)
+        return buffer.getvalue()
+    return "".join(f"{r.file}\t{r.caption}\n" for r in results)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="caption", description="Caption images with a trained checkpoint.")
+    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--beam-size", type=int, help="1: greedy (default: the larger of 3 and the training one)")
+    parser.add_argument("--max-length", type=int, help="most words per caption (default: the training one)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--format", choices=("text", "json", "csv"), default="text", dest="output_format")
+    parser.add_argument("--output", type=Path, help="write here instead of standard output")
+    parser.add_argument("--attention-maps", type=Path, help="folder for one attention PNG per image")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    files = expand_inputs(args.inputs)
+    if not files:
+        print("caption: no image found in the given inputs", file=sys.stderr)
+        return 2
+    try:
+        captioner = Captioner.from_checkpoint(args.checkpoint, args.device, args.beam_size, args.max_length)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"caption: {error}", file=sys.stderr)
+        return 2
+    if args.attention_maps is not None:
+        args.attention_maps.mkdir(parents=True, exist_ok=True)
+    results, failed = [], 0
+    for outcome in captioner.caption_files(files, args.batch_size, progress=len(files) > args.batch_size):
+        if isinstance(outcome, BadImageError):
+            failed += 1
+            print(f"caption: skipped {outcome}", file=sys.stderr)
+            continue
+        results.append(outcome)
+        if args.attention_maps is not None and outcome.attention is not None:
+            save_attention_map(outcome, args.attention_maps / f"{len(results):05d}_{Path(outcome.file).stem}.png")
+    if args.attention_maps is not None and results and results[0].attention is None:
+        print("caption: this model has no attention, so no attention maps were written", file=sys.stderr)
+    text = format_results(results, args.output_format)
+    if args.output is not None:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    if failed:
+        print(f"caption: {failed} of {len(files)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The ``caption`` command and ``Captioner`` API: a checkpoint alone captions a folder of images."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioning.caption import Captioner, expand_inputs, main
+from tests.conftest import PROJECT_ROOT
+from tests.test_train import QUICK, _config
+import train
+
+
+@pytest.fixture(scope="module")
+def attention_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path) -> Path:
+    """A tiny Show-Attend-Tell model trained for a few steps on the tiny shapes data."""
+    output = tmp_path_factory.mktemp("sat")
+    train.run(_config(output, tiny_shapes.parent, [*QUICK, "test=false"]))
+    return output / "checkpoints" / "last.ckpt"
+
+
+def _images_with_a_corrupt_one(tiny_shapes: Path, folder: Path) -> list[Path]:
+    folder.mkdir()
+    sources = sorted((tiny_shapes / "images" / "test").iterdir())[:5]
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.slow
+def test_caption_cli_writes_json_in_input_order_and_reports_bad_files(attention_checkpoint: Path, tiny_shapes: Path,
+                                                                      tmp_path: Path) -> None:
+    files = _images_with_a_corrupt_one(tiny_shapes, tmp_path / "photos")
+    output, maps = tmp_path / "captions.json", tmp_path / "maps"
+    completed = subprocess.run(
+        ["caption", str(tmp_path / "photos"), str(files[0]), "--checkpoint", str(attention_checkpoint),
+         "--format", "json", "--output", str(output), "--attention-maps", str(maps), "--batch-size", "2"],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert completed.returncode == 1  # one file could not be read
+    assert "broken.png" in completed.stderr and "1 of 6 images could not be read" in completed.stderr
+    results = json.loads(output.read_text())
+    good = [str(f) for f in files if f.name != "broken.png"]
+    assert [r["file"] for r in results] == good  # input order, each file once, the bad one left out
+    assert all(isinstance(r["caption"], str) and r["caption"] and r["log_prob"] <= 0 for r in results)
+    pngs = sorted(maps.glob("*.png"))
+    assert len(pngs) == len(good) and all(Image.open(p).size[0] > 100 for p in pngs)
+
+    api = Captioner.from_checkpoint(attention_checkpoint, device="cpu").caption(good, batch_size=3)
+    assert [(r.file, r.caption) for r in api] == [(r["file"], r["caption"]) for r in results]
+    assert all(r.attention.shape == (len(r.words), 4, 4) for r in api)
+
+
+@pytest.mark.slow
+def test_caption_captions_every_real_photo_in_a_folder(attention_checkpoint: Path, shared_data: Path,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = shared_data / "coco-val2017-mini" / "val2017"
+    assert main([str(folder), "--checkpoint", str(attention_checkpoint), "--format", "csv", "--beam-size", "1",
+                 "--batch-size", "50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "file,caption,log_prob" and len(lines) == 1 + len(list(folder.glob("*.jpg")))
+
+
+def test_inputs_expand_folders_and_globs_in_order_without_duplicates(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.JPG").write_bytes(b"")
+    assert expand_inputs([str(tmp_path / "b.jpg"), str(tmp_path), str(tmp_path / "*.png")]) == [
+        tmp_path / "b.jpg", tmp_path / "a.png", tmp_path / "sub" / "c.JPG"]
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"")
+    completed = subprocess.run([sys.executable, "-m", "captioning.caption", str(tmp_path / "a.jpg"),
+                                "--checkpoint", str(tmp_path / "nope.ckpt")], capture_output=True, text=True)
+    assert completed.returncode == 2 and "nope.ckpt does not exist" in completed.stderr

@@ -286,3 +286,19 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path: Path) -> None
         with pytest.raises(BadImageError, match="2500000000 pixels.*decompression bomb") as error:
             check(path)
         assert error.value.reason == "too_large"
+
+
+def test_training_from_the_image_cache_gives_the_same_batches(shared_data: Path, tmp_path: Path) -> None:
+    mini = shared_data / "coco-val2017-mini"
+    splits = {s: {"annotations": "annotations/captions_mini.json", "images": "val2017"}
+              for s in ("train", "val", "test")}
+    settings = {"image_size": 48, "min_word_count": 1, "batch_size": 16}
+    decoded = CaptionDataModule(mini, splits, **settings)
+    cached = CaptionDataModule(mini, splits, image_cache=True, image_cache_dir=tmp_path / "cache", **settings)
+    decoded.setup()
+    cached.setup()
+    assert len(list((tmp_path / "cache").iterdir())) >= 1
+    for ours, theirs in zip(cached.val_dataloader(), decoded.val_dataloader(), strict=True):
+        assert torch.equal(ours.image_ids, theirs.image_ids)
+        assert torch.equal(ours.images, theirs.images)  # bit-identical pixels
+        assert torch.equal(ours.tokens, theirs.tokens)

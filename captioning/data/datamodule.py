@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from captioning.data.batch import CaptionBatch, collate_captions
 from captioning.data.datasets import FORMATS, CaptionDataset, CaptionedImage, load_annotations
+from captioning.data.image_cache import ImageCache, write_image_cache
 from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.shapes import SPLITS, ShapesConfig, ensure_shapes_dataset
 from captioning.data.tokenize import tokenize
@@ -21,6 +23,26 @@ log = logging.getLogger(__name__)
 
 
 ON_BAD_IMAGE = ("error", "skip")
+
+
+class DecodedPixels:
+    """An image's pixels decoded from its file and resized (picklable for DataLoader workers)."""
+
+    def __init__(self, image_size: int) -> None:
+        self.transform = build_image_transform(image_size)
+
+    def __call__(self, image: CaptionedImage) -> torch.Tensor:
+        return self.transform(open_rgb(image.path)[0])
+
+
+class CachedPixels:
+    """The same pixels, read from the resized-image cache (bit-identical to ``DecodedPixels``)."""
+
+    def __init__(self, cache: ImageCache) -> None:
+        self.cache = cache
+
+    def __call__(self, image: CaptionedImage) -> torch.Tensor:
+        return self.cache.tensor(image.image_id)
 MAX_LISTED = 20  # bad images named one by one in the log; the rest are counted
 
 
@@ -33,6 +55,8 @@ class CaptionDataModule(pl.LightningDataModule):
     ``generate_shapes`` (the built-in dataset's settings) writes ``root`` on first use.
     ``on_bad_image``: ``error`` stops before training at the first missing, unreadable or oversized
     image (named, with the reason); ``skip`` leaves such images out, logging each and the count.
+    ``image_cache``: decode and resize every image once into a memory-mapped cache under
+    ``image_cache_dir`` (reused while the images and size are unchanged), then train from it.
     """
 
     def __init__(
@@ -50,6 +74,8 @@ class CaptionDataModule(pl.LightningDataModule):
         max_caption_length: int = 16,
         train_captions_per_image: str = "all",
         on_bad_image: str = "error",
+        image_cache: bool = False,
+        image_cache_dir: str | os.PathLike | None = None,
         generate_shapes: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -74,6 +100,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self.max_caption_length = max_caption_length
         self.train_captions_per_image = train_captions_per_image
         self.on_bad_image = on_bad_image
+        self.image_cache = image_cache
+        self.image_cache_dir = Path(image_cache_dir) if image_cache_dir else self.root / "cache"
         self.shapes_config = ShapesConfig(**generate_shapes) if generate_shapes is not None else None
         self.pin_memory = pin_memory
         self.vocab: Vocabulary | None = None
@@ -93,12 +121,19 @@ class CaptionDataModule(pl.LightningDataModule):
         train_tokens = [tokenize(c) for image in self._images["train"] for c in image.captions]
         self.vocab = Vocabulary.build(train_tokens, self.min_word_count)
         self._log_statistics(train_tokens)
-        transform = build_image_transform(self.image_size)
+        load_image = self._image_loader()
         for split in SPLITS:
             sampling = self.train_captions_per_image if split == "train" else "all"
-            self._datasets[split] = CaptionDataset(
-                self._images[split], self._encode, lambda image: transform(open_rgb(image.path)[0]), sampling,
-                skip_bad_images=self.on_bad_image == "skip")
+            self._datasets[split] = CaptionDataset(self._images[split], self._encode, load_image, sampling,
+                                                   skip_bad_images=self.on_bad_image == "skip")
+
+    def _image_loader(self) -> DecodedPixels | CachedPixels:
+        if not self.image_cache:
+            return DecodedPixels(self.image_size)
+        unique = {image.image_id: image for split in SPLITS for image in self._images[split]}  # val may be test
+        images = list(unique.values())
+        write_image_cache(images, self.image_cache_dir, self.image_size, progress=True)
+        return CachedPixels(ImageCache.open(self.image_cache_dir, self.image_size, images))
 
     def _load(self, split: str) -> list[CaptionedImage]:
         paths = self.splits[split]

@@ -4,21 +4,26 @@
 checkpoint; ``python train.py train=false ckpt_path=X`` only scores checkpoint X.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
+# torch, Lightning and the evaluator are imported inside run(): a mistyped override then fails in
+# about a second, before they load
 log = logging.getLogger("train")
 
 # frozen encoder stages stay in eval mode on purpose (their BatchNorm statistics must not move)
@@ -30,14 +35,22 @@ os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Returns ``optimized_metric`` (default test/CIDEr) for hyperparameter sweepers."""
     metrics = run(cfg)
-    return metrics.get("test/CIDEr")
+    return metrics.get(cfg.get("optimized_metric") or "test/CIDEr")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit and/or test as ``cfg`` says; returns the final metrics (also written to metrics.json)."""
+    from captioning.config import check_config
+
     if not cfg.train and not cfg.ckpt_path:
         raise ValueError("train=false needs ckpt_path=<checkpoint to evaluate>")
+    check_config(cfg)
+    import pytorch_lightning as pl
+
+    from captioning.evaluation.coco import CocoCaptionEvaluator
+
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -59,9 +72,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not cfg.test:
         return metrics
 
+    best = trainer.checkpoint_callback.best_model_score if cfg.train and trainer.checkpoint_callback else None
     trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer))
     # the evaluator's float64 numbers, not the float32 copies Lightning logs
     metrics = {"test/loss": float(trainer.callback_metrics["test/loss"]), **model.test_metrics}
+    if best is not None:
+        metrics["val/best_CIDEr"] = float(best)
     if trainer.is_global_zero:
         with CocoCaptionEvaluator(datamodule.references("test")) as evaluator:
             metrics |= {f"human_loo/{name}": value for name, value in evaluator.human_agreement().items()}
@@ -90,6 +106,8 @@ def _write_outputs(output_dir: Path, metrics: dict[str, float], captions: dict[i
 
 
 def _print_table(metrics: dict[str, float]) -> None:
+    from captioning.evaluation.coco import METRICS
+
     table = Table(title="Test split")
     table.add_column("metric")
     table.add_column("model", justify="right")

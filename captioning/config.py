@@ -1,0 +1,59 @@
+"""Fail fast on settings no component accepts, listing the ones it does.
+
+Hydra refuses an override of a key the config lacks; a key *added* with ``+`` (or a typo in a
+config file) would otherwise only fail deep inside ``instantiate``, after data preparation. This
+checks every instantiated node against its target's signature before anything runs.
+"""
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from captioning.models.captioner import DECODERS
+from captioning.models.encoders import CNNEncoder
+
+HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """A setting that no component accepts."""
+
+
+def _parameters(target: Callable[..., Any]) -> set[str] | None:
+    """Named parameters of ``target``; None when it takes ``**kwargs`` (anything goes)."""
+    signature = inspect.signature(target)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def _check(node: Mapping[str, Any], accepted: set[str] | None, where: str, owner: str) -> None:
+    if accepted is None:
+        return
+    unknown = sorted(set(node) - HYDRA_KEYS - accepted)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]} is not a setting of {owner}; valid settings: "
+                          f"{', '.join(sorted(accepted - {'self'}))}")
+
+
+def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", "trainer")) -> None:
+    """Raise ``ConfigError`` for any key of an instantiated section its target does not accept."""
+    for section in sections:
+        node = cfg.get(section)
+        if node is None or "_target_" not in node:
+            continue
+        target = get_method(node["_target_"])
+        _check(node, _parameters(target), section, node["_target_"])
+    model = cfg.get("model")
+    if model is not None:
+        _check(model.get("encoder") or {}, _parameters(CNNEncoder), "model.encoder", "CNNEncoder")
+        decoder = dict(model.get("decoder") or {})
+        kind = decoder.pop("type", "show_tell")
+        if kind not in DECODERS:
+            raise ConfigError(f"model.decoder.type {kind!r} is unknown; choose one of {sorted(DECODERS)}")
+        accepted = _parameters(DECODERS[kind])
+        _check(decoder, None if accepted is None else accepted - {"vocab_size", "encoder_dim"}, "model.decoder",
+               DECODERS[kind].__name__)

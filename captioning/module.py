@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
@@ -33,6 +34,7 @@ class CaptioningModule(pl.LightningModule):
     ``encoder_lr`` gives the encoder's trainable stages their own learning rate; ``beam_size`` 1
     decodes greedily during validation/test, more uses batched beam search. ``image_size`` records
     the input size the model was trained at, for captioning new images from the checkpoint alone.
+    ``logged_samples`` validation images go to TensorBoard each epoch with their captions.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class CaptioningModule(pl.LightningModule):
         beam_size: int = 1,
         length_penalty: float = 0.0,
         image_size: int | None = None,
+        logged_samples: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
@@ -60,6 +63,7 @@ class CaptioningModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self._predictions: dict[int, list[int]] = {}
+        self._samples: list[tuple[int, torch.Tensor]] = []
         self._evaluators: dict[str, CocoCaptionEvaluator] = {}
         self.test_captions: dict[int, str] = {}
         self.test_metrics: dict[str, float] = {}
@@ -85,12 +89,12 @@ class CaptioningModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+        self._evaluation_step(batch, "val", batch_idx)
 
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+        self._evaluation_step(batch, "test", batch_idx)
 
-    def _evaluation_step(self, batch: CaptionBatch | None, stage: str) -> None:
+    def _evaluation_step(self, batch: CaptionBatch | None, stage: str, batch_idx: int) -> None:
         """Loss on every reference caption, and one generated caption per image."""
         if batch is None:
             return
@@ -108,6 +112,9 @@ class CaptioningModule(pl.LightningModule):
                                     hparams.max_decode_length, vocab.pad_id)
         for image_id, tokens in zip(batch.image_ids.tolist(), decoded.tokens.tolist()):
             self._predictions[image_id] = tokens
+        if stage == "val" and batch_idx == 0:
+            keep = self.hparams.logged_samples
+            self._samples = list(zip(batch.image_ids[:keep].tolist(), batch.images[:keep].cpu()))
 
     def on_validation_epoch_end(self) -> None:
         self._score_predictions("val")
@@ -125,9 +132,24 @@ class CaptioningModule(pl.LightningModule):
         metrics = self._evaluator(stage).score(captions).metrics if self.trainer.is_global_zero else None
         metrics = broadcast_from_rank_zero(metrics)  # float64, as the evaluator computed them
         self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, sync_dist=False)
+        if stage == "val" and self.trainer.is_global_zero:
+            self._log_samples(captions)
         if stage == "test":
             self.test_captions = captions
             self.test_metrics = {f"test/{name}": value for name, value in metrics.items()}
+
+    def _log_samples(self, captions: dict[int, str]) -> None:
+        """A few validation images with their generated and reference captions, for TensorBoard."""
+        references = self.trainer.datamodule.references("val")
+        for logger in self.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            for number, (image_id, image) in enumerate(self._samples):
+                tag = f"val_samples/{number}"
+                logger.experiment.add_image(tag, image, self.global_step)
+                lines = [f"**generated:** {captions.get(image_id, '')}", "",
+                         *(f"reference: {r}" for r in references.get(image_id, []))]
+                logger.experiment.add_text(tag, "  \n".join(lines), self.global_step)
 
     def _evaluator(self, stage: str) -> CocoCaptionEvaluator:
         if stage not in self._evaluators:

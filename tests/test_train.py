@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from pycocotools.coco import COCO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from tests.conftest import PROJECT_ROOT, TINY_SHAPES
@@ -53,6 +54,13 @@ def test_train_then_evaluate_the_best_checkpoint(tmp_path: Path) -> None:
     assert best.is_file() and last.is_file()
     checkpoint = torch.load(best, weights_only=True)  # plain types only, as the design requires
     assert checkpoint["hyper_parameters"]["vocab"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+    events = EventAccumulator(str(output / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert {"val/CIDEr", "train/loss"} <= set(events.Tags()["scalars"])
+    assert "val_samples/0" in events.Tags()["images"]  # a validation image with its captions, every epoch
+    text = events.Tensors("val_samples/0/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "generated:" in text and "reference:" in text
 
     written = json.loads((output / "metrics.json").read_text())
     assert written == pytest.approx(metrics)

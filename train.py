@@ -119,5 +119,44 @@ def _print_table(metrics: dict[str, float]) -> None:
     Console().print(table)
 
 
+def explain_unknown_override(argv: list[str]) -> str | None:
+    """For an override of a key the config lacks, a message listing the keys that do exist there.
+
+    Hydra's own error says only that the key "is not in struct"; composing the overrides once more
+    (a fraction of a second) finds the node and its valid keys. None when the overrides compose.
+    """
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    if any(arg in ("-m", "--multirun") or arg.startswith("--cfg") for arg in argv):
+        return None  # sweeps and config printing go to Hydra untouched
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not getattr(cause, "full_key", None):
+            return None
+        parent_key = cause.full_key.rpartition(".")[0]
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith(f"{cause.full_key}=")])
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if not isinstance(parent, DictConfig):
+            return None
+        valid = ", ".join(sorted(str(key) for key in parent.keys()))
+        return (f"unknown setting {cause.full_key!r}. Settings of {parent_key or 'the config'}: {valid}. "
+                f"(To add a new key on purpose, write +{cause.full_key}=...)")
+    del cfg
+    return None
+
+
 if __name__ == "__main__":
+    import sys
+
+    message = explain_unknown_override(sys.argv[1:])
+    if message is not None:
+        Console(stderr=True).print(f"[red]error:[/red] {message}")
+        sys.exit(2)
     main()

@@ -10,7 +10,7 @@ import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
-from captioning.evaluation import tokenizer
+from captioning.evaluation import coco, tokenizer
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator, spice_unavailable_reason
 from tests.conftest import PROJECT_ROOT
 
@@ -114,6 +114,7 @@ def test_without_java_bleu_rouge_cider_are_unchanged_and_meteor_is_skipped_with_
     with CocoCaptionEvaluator(references) as evaluator:
         with_java = evaluator.score(results).metrics
     _without_java(monkeypatch, tmp_path)
+    monkeypatch.setattr(coco, "_warned", set())  # warnings are logged once per process
     with caplog.at_level(logging.WARNING):
         with CocoCaptionEvaluator(references) as evaluator:
             without_java = evaluator.score(results).metrics
@@ -121,14 +122,19 @@ def test_without_java_bleu_rouge_cider_are_unchanged_and_meteor_is_skipped_with_
     assert without_java == {name: value for name, value in with_java.items() if name != "METEOR"}
 
 
-def test_spice_is_skipped_with_the_reason_when_it_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+def test_spice_is_skipped_with_the_reason_when_it_cannot_run(caplog: pytest.LogCaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coco, "_warned", set())
     java = shutil.which("java")
     reason = spice_unavailable_reason(java)
     assert reason is not None  # no CoreNLP 3.6.0 jars and Java 17 here: SPICE must never be attempted
     with caplog.at_level(logging.WARNING):
         with CocoCaptionEvaluator({1: ["a red circle"]}) as evaluator:
             metrics = evaluator.score({1: "a red circle"}).metrics
-    assert "SPICE" not in metrics and f"SPICE skipped: {reason}" in caplog.text
+    assert "SPICE" not in metrics and caplog.text.count(f"SPICE skipped: {reason}") == 1
+    with caplog.at_level(logging.WARNING):
+        CocoCaptionEvaluator({1: ["a red circle"]}).close()
+    assert caplog.text.count("SPICE skipped") == 1  # once per process, not once per evaluator
     assert spice_unavailable_reason(None) == "SPICE needs Java 8, and no java is on PATH"
 
 

@@ -51,6 +51,16 @@ class EvaluationResult:
     per_image: dict[int, dict[str, float]]
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` the first time only: every evaluator of a run would repeat it."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
 def references_from_coco(coco: COCO) -> dict[int, list[str]]:
     """``{image_id: [captions]}`` of a pycocotools ``COCO`` caption dataset, in its image order."""
     return {int(i): [a["caption"] for a in coco.imgToAnns[i]] for i in coco.getImgIds()}
@@ -96,11 +106,11 @@ class CocoCaptionEvaluator:
             raise ValueError(f"{len(empty)} reference images have no caption, e.g. image id {empty[0]}")
         self.java = shutil.which("java")
         if self.java is None:
-            log.warning("Java not found on PATH: captions are tokenized by the pure-Python PTB tokenizer (the "
-                        "same tokens on caption text) and METEOR is skipped; install a JRE for METEOR")
+            _warn_once("Java not found on PATH: captions are tokenized by the pure-Python PTB tokenizer (the "
+                       "same tokens on caption text) and METEOR is skipped; install a JRE for METEOR")
         skip_spice = spice_unavailable_reason(self.java) if spice else "SPICE not requested"
         if spice and skip_spice is not None:
-            log.warning("SPICE skipped: %s", skip_spice)
+            _warn_once(f"SPICE skipped: {skip_spice}")
         self.metric_names = tuple(name for name in METRICS if name != "METEOR" or self.java is not None)
         if skip_spice is None:
             self.metric_names += ("SPICE",)

@@ -131,9 +131,26 @@ def _digest(parameters: dict[str, Any], entries: list[list[Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _CacheKey:
+    """Everything that names one cache: the images in id order, their entries, the parameters, the digest."""
+
+    images: list[CaptionedImage]
+    entries: list[list[Any]]
+    parameters: dict[str, Any]
+    digest: str
+
+
+def _cache_key(images: Sequence[CaptionedImage], image_size: int) -> _CacheKey:
+    ordered = _sorted_unique(images)
+    entries = [_image_entry(image) for image in ordered]
+    parameters = _key_parameters(image_size)
+    return _CacheKey(ordered, entries, parameters, _digest(parameters, entries))
+
+
 def cache_key(images: Sequence[CaptionedImage], image_size: int) -> str:
     """The sha256 naming the cache of ``images`` at ``image_size``; any file change gives a new one."""
-    return _digest(_key_parameters(image_size), [_image_entry(i) for i in _sorted_unique(images)])
+    return _cache_key(images, image_size).digest
 
 
 def _folder_name(image_size: int, digest: str) -> str:
@@ -249,11 +266,9 @@ def write_image_cache(images: Sequence[CaptionedImage], directory: str | os.Path
     """
     if image_size <= 0 or shard_size <= 0:
         raise ValueError(f"image_size and shard_size must be positive, got {image_size} and {shard_size}")
-    images = _sorted_unique(images)
+    key = _cache_key(images, image_size)
+    images, entries, parameters, digest = key.images, key.entries, key.parameters, key.digest
     directory = Path(directory)
-    parameters = _key_parameters(image_size)
-    entries = [_image_entry(image) for image in images]
-    digest = _digest(parameters, entries)
     target = directory / _folder_name(image_size, digest)
     manifest = _complete_manifest(target, digest)
     if manifest is None:
@@ -423,10 +438,8 @@ class ImageCache:
         ``MissingImageCacheError`` naming the folder and what it holds otherwise.
         """
         directory = Path(directory)
-        images = _sorted_unique(images)
-        parameters = _key_parameters(image_size)
-        entries = [_image_entry(image) for image in images]
-        digest = _digest(parameters, entries)
+        key = _cache_key(images, image_size)
+        images, entries, parameters, digest = key.images, key.entries, key.parameters, key.digest
         exact = directory / _folder_name(image_size, digest)
         manifest = _complete_manifest(exact, digest)
         if manifest is not None:

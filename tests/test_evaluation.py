@@ -10,7 +10,7 @@ import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
-from captioning.evaluation import coco, tokenizer
+from captioning.evaluation import coco, meteor, tokenizer
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator, spice_unavailable_reason
 from tests.conftest import PROJECT_ROOT
 
@@ -87,13 +87,19 @@ def test_unknown_image_ids_and_empty_results_are_refused() -> None:
             evaluator.score({})
 
 
-def test_close_stops_the_meteor_java_process() -> None:
-    evaluator = CocoCaptionEvaluator({1: ["a red circle", "a big red circle"]})
-    assert evaluator.score({1: "a red circle"}).metrics["METEOR"] > 0.5
-    process = evaluator._meteor.process
-    evaluator.close()
-    assert process.poll() is not None
-    evaluator.close()
+def test_evaluators_share_one_meteor_process_which_shutdown_stops() -> None:
+    with CocoCaptionEvaluator({1: ["a red circle", "a big red circle"]}) as first, \
+            CocoCaptionEvaluator({2: ["a blue square"]}) as second:
+        assert first.score({1: "a red circle"}).metrics["METEOR"] > 0.5
+        assert second.score({2: "a blue square"}).metrics["METEOR"] > 0.5
+        assert first._meteor is second._meteor  # its tables are loaded once per Python process
+        process = first._meteor.process
+    assert process.poll() is None  # closing an evaluator keeps it for the next one
+    meteor.shutdown_meteor()
+    assert process.poll() is not None  # stopped and reaped: no zombie Java
+    meteor.shutdown_meteor()
+    with CocoCaptionEvaluator({1: ["a red circle"]}) as again:  # a new one starts on demand
+        assert again.score({1: "a red circle"}).metrics["METEOR"] > 0.5
 
 
 def _without_java(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

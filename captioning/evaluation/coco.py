@@ -8,9 +8,10 @@ inputs), without its failure modes:
 - without Java, tokenization falls back to a pure-Python PTB tokenizer that gives the same tokens
   on caption text, and METEOR is skipped with one warning (BLEU, ROUGE_L and CIDEr still come out);
 - temp files live in the system temporary directory, never inside site-packages;
-- references are tokenized once per evaluator; one METEOR Java process starts with the evaluator
-  (loading its paraphrase tables while captions are tokenized), is reused across calls, scores
-  concurrently with the Python scorers, and is shut down by ``close()``.
+- references are tokenized once per evaluator; one METEOR Java process per Python process starts
+  with the first evaluator (loading its paraphrase tables while captions are tokenized), serves
+  every evaluator, scores concurrently with the Python scorers, and is shut down by
+  ``meteor.shutdown_meteor()`` or at exit.
 
 Empty captions are scored as they are (as ``COCOEvalCap`` does: they match nothing).
 """
@@ -31,7 +32,7 @@ from pycocoevalcap.spice import spice as spice_module
 from pycocotools.coco import COCO
 
 from captioning.data.tokenize import ptb_tokenize_python_batch
-from captioning.evaluation.meteor import MeteorScorer
+from captioning.evaluation.meteor import MeteorScorer, shared_meteor
 from captioning.evaluation.tokenizer import ptb_tokenize
 
 log = logging.getLogger(__name__)
@@ -193,21 +194,16 @@ class CocoCaptionEvaluator:
         return EvaluationResult({name: metrics[name] for name in self.metric_names}, per_image)
 
     def _meteor_scorer(self) -> MeteorScorer:
-        if self._meteor is None:
-            self._meteor = MeteorScorer(self.java)
+        if self._meteor is None or self._meteor.process.poll() is not None:
+            self._meteor = shared_meteor(self.java)
         return self._meteor
 
     def close(self) -> None:
-        """Stop the METEOR Java process (safe to call twice)."""
-        if self._meteor is not None:
-            self._meteor.close()
-            self._meteor = None
+        """Let go of the shared METEOR process (``meteor.shutdown_meteor`` stops it; so does exit)."""
+        self._meteor = None
 
     def __enter__(self) -> "CocoCaptionEvaluator":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
         self.close()

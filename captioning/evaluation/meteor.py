@@ -4,8 +4,12 @@ pycocoevalcap's ``Meteor`` sends one caption and waits for its answer, 5,000 rou
 5,000 captions; when Python scorers run in another thread, every round trip also waits for the
 GIL. Here a writer thread streams all captions while the caller reads the answers, so the Java
 process never idles, and its stderr goes nowhere instead of into a pipe nobody reads.
+
+Loading METEOR's paraphrase tables costs ~6 s of CPU, so one process serves every evaluator of a
+Python process (``shared_meteor``); ``shutdown_meteor`` stops it, and so does interpreter exit.
 """
 
+import atexit
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
@@ -62,3 +66,28 @@ class MeteorScorer:
             self.process.stdin.close()
             self.process.kill()
         self.process.wait()
+
+
+_shared: MeteorScorer | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_meteor(java: str = "java") -> MeteorScorer:
+    """The process-wide METEOR scorer, started on first use (or again if it was shut down)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.process.poll() is not None:
+            _shared = MeteorScorer(java)
+        return _shared
+
+
+def shutdown_meteor() -> None:
+    """Stop the shared METEOR process, if any, and wait for it (no zombie Java)."""
+    global _shared
+    with _shared_lock:
+        if _shared is not None:
+            _shared.close()
+            _shared = None
+
+
+atexit.register(shutdown_meteor)

@@ -128,7 +128,6 @@ def test_missing_split_is_reported(tmp_path: Path) -> None:
         CaptionDataModule(tmp_path, {k: v for k, v in SPLITS.items() if k != "test"})
 
 
-
 def test_images_without_captions_are_skipped_and_counted(tiny_shapes: Path, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "copy"

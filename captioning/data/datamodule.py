@@ -21,8 +21,8 @@ from captioning.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
-
 ON_BAD_IMAGE = ("error", "skip")
+MAX_LISTED = 20  # bad images named one by one in the log; the rest are counted
 
 
 class DecodedPixels:
@@ -43,7 +43,6 @@ class CachedPixels:
 
     def __call__(self, image: CaptionedImage) -> torch.Tensor:
         return self.cache.tensor(image.image_id)
-MAX_LISTED = 20  # bad images named one by one in the log; the rest are counted
 
 
 class CaptionDataModule(pl.LightningDataModule):

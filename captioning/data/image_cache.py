@@ -23,7 +23,6 @@ opened. Any change to the key gives a new folder; old ones are listed in the log
 (another run may still read them).
 """
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -47,8 +46,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision.transforms import Resize
 
 from captioning.data.datasets import CaptionedImage
+from captioning.data.files import MANIFEST_NAME, locked, replace_directory, sha256_file
 from captioning.data.images import BadImageError, open_rgb
-from captioning.data.shapes import MANIFEST_NAME, _replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ FORMAT_VERSION = 1
 RESIZE_METHOD = "torchvision.transforms.Resize((s, s), antialias=True) on the PIL image (bilinear)"
 INDEX_NAME, BAD_NAME, CONVERSIONS_NAME, IMAGES_NAME = "index.json", "bad_images.json", "conversions.json", "images.json"
 _STAGING_NAME = "staging.json"
-_HASH_CHUNK = 1 << 22
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -200,14 +198,6 @@ def progress_bar(enabled: bool) -> Progress:
 # ---------------------------------------------------------------- files
 
 
-def _sha256_file(path: Path) -> str:
-    """Streamed, unlike ``shapes._sha256``: a shard can be larger than the memory one wants to spend."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _write_json(path: Path, data: Any) -> None:
     """Write then rename, so a reader sees the old file or the whole new one."""
@@ -246,12 +236,6 @@ def _complete_manifest(folder: Path, digest: str | None = None) -> dict[str, Any
     return manifest
 
 
-@contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    with open(lock_file, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        yield
-
 
 # ---------------------------------------------------------------- writing
 
@@ -273,7 +257,7 @@ def write_image_cache(images: Sequence[CaptionedImage], directory: str | os.Path
     manifest = _complete_manifest(target, digest)
     if manifest is None:
         directory.mkdir(parents=True, exist_ok=True)
-        with _locked(directory / f".{target.name}.lock"):
+        with locked(directory / f".{target.name}.lock"):
             manifest = _complete_manifest(target, digest)  # another process may have finished it meanwhile
             if manifest is None:
                 return _write(images, entries, parameters, digest, target, shard_size, progress, workers)
@@ -323,7 +307,7 @@ def _write(images: list[CaptionedImage], entries: list[list[Any]], parameters: d
     files = {f"shard-{n:05d}.npy": {"bytes": r["bytes"], "sha256": r["sha256"], "rows": len(r["image_ids"])}
              for n, r in enumerate(shards)}
     for name in (INDEX_NAME, BAD_NAME, CONVERSIONS_NAME, IMAGES_NAME):
-        files[name] = {"bytes": (staging / name).stat().st_size, "sha256": _sha256_file(staging / name)}
+        files[name] = {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
     manifest = {"format_version": FORMAT_VERSION, "key": digest, **parameters, "shard_size": shard_size,
                 "counts": {"images": len(images), "cached": len(index), "bad": len(bad),
                            "converted": len(conversions)},
@@ -332,7 +316,7 @@ def _write(images: list[CaptionedImage], entries: list[list[Any]], parameters: d
         (staging / f"shard-{number:05d}.json").unlink()
     (staging / _STAGING_NAME).unlink()
     _write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means complete
-    _replace_directory(staging, target)
+    replace_directory(staging, target)
     log.info("wrote image cache %s: %d images cached, %d bad, %d converted to RGB", target, len(index),
              len(bad), len(conversions))
     _mention_other_caches(target)
@@ -365,7 +349,7 @@ def _write_shard(staging: Path, number: int, chunk: list[CaptionedImage], image_
     shard = staging / f"shard-{number:05d}.npy"
     os.replace(partial, shard)
     record = {"image_ids": image_ids, "bad": bad, "conversions": conversions,
-              "bytes": shard.stat().st_size, "sha256": _sha256_file(shard)}
+              "bytes": shard.stat().st_size, "sha256": sha256_file(shard)}
     _write_json(staging / f"shard-{number:05d}.json", record)
     return record
 
@@ -382,7 +366,7 @@ def _finished_shard(staging: Path, number: int, chunk: list[CaptionedImage]) -> 
     if not isinstance(listed, list) or len(listed) != len(wanted) or any(
             got != want and not (got is None and want in bad_ids) for got, want in zip(listed, wanted)):
         return None
-    if shard.stat().st_size != record.get("bytes") or _sha256_file(shard) != record.get("sha256"):
+    if shard.stat().st_size != record.get("bytes") or sha256_file(shard) != record.get("sha256"):
         return None
     return record
 
@@ -502,7 +486,7 @@ class ImageCache:
             path = self.directory / name
             if not path.is_file():
                 problems.append(f"{path}: missing")
-            elif _sha256_file(path) != record["sha256"]:
+            elif sha256_file(path) != record["sha256"]:
                 problems.append(f"{path}: contents changed since the cache was written")
         return problems
 

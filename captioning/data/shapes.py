@@ -7,8 +7,6 @@ manifest of every file's SHA-256 written last, so a half-written or altered data
 regenerated instead of silently used.
 """
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -21,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioning.data.files import MANIFEST_NAME, locked, replace_directory, sha256_file
+
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -88,8 +87,7 @@ def ensure_shapes_dataset(root: str | os.PathLike, config: ShapesConfig) -> Path
     if verify_shapes_dataset(root, config):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # other processes (e.g. DDP ranks) wait, then find it ready
+    with locked(root.parent / f".{root.name}.lock"):  # other processes wait, then find it ready
         if not verify_shapes_dataset(root, config):
             _generate(root, config)
     return root
@@ -107,7 +105,7 @@ def _generate(root: Path, config: ShapesConfig) -> None:
     try:
         log.info("generating the shapes dataset in %s", root)
         write_shapes_dataset(staging, config)
-        _replace_directory(staging, root)
+        replace_directory(staging, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -125,7 +123,7 @@ def verify_shapes_dataset(root: Path, config: ShapesConfig) -> bool:
         return False
     for relative_path, digest in files.items():
         try:
-            if _sha256(root / relative_path) != digest:
+            if sha256_file(root / relative_path) != digest:
                 return False
         except OSError:
             return False
@@ -146,7 +144,7 @@ def write_shapes_dataset(root: Path, config: ShapesConfig) -> None:
             scene = sample_scene(rng, config.image_size)
             file_name = f"{next_image_id:06d}.png"
             render_scene(scene, config.image_size, noise).save(image_dir / file_name, optimize=False)
-            files[f"images/{split}/{file_name}"] = _sha256(image_dir / file_name)
+            files[f"images/{split}/{file_name}"] = sha256_file(image_dir / file_name)
             images.append({
                 "id": next_image_id, "file_name": file_name,
                 "width": config.image_size, "height": config.image_size,
@@ -166,7 +164,7 @@ def write_shapes_dataset(root: Path, config: ShapesConfig) -> None:
         annotation_file = root / "annotations" / f"captions_{split}.json"
         annotation_file.parent.mkdir(exist_ok=True)
         annotation_file.write_text(json.dumps(coco, indent=1))
-        files[f"annotations/{annotation_file.name}"] = _sha256(annotation_file)
+        files[f"annotations/{annotation_file.name}"] = sha256_file(annotation_file)
     manifest = {"generator_version": GENERATOR_VERSION, "config": asdict(config), "files": files}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
@@ -291,15 +289,3 @@ _THREE_SHAPES = (
     lambda s, r, where: f"a row of three {r.choice(OBJECT_WORDS)} with {_article(_phrase(s[1], r))} in the middle",
 )
 
-
-def _replace_directory(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, removing a stale generated ``target`` first."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-        os.replace(target, stale / target.name)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(source, target)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

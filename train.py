@@ -22,6 +22,9 @@ from rich.table import Table
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
+    from captioning.data.datamodule import CaptionDataModule
+    from captioning.module import CaptioningModule
+
 # torch, Lightning and the evaluator are imported inside run(): a mistyped override then fails in
 # about a second, before they load
 log = logging.getLogger("train")
@@ -62,6 +65,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if datamodule.feature_cache:
+        _use_feature_cache(model, datamodule, trainer, cfg.ckpt_path)
     run_config = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(run_config, resolve=True))
@@ -85,6 +90,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _print_table(metrics)
         log.info("outputs in %s", output_dir)
     return metrics
+
+
+def _use_feature_cache(model: CaptioningModule, datamodule: CaptionDataModule, trainer: pl.Trainer,
+                       ckpt_path: str | None) -> None:
+    """Serve the frozen encoder's cached outputs, computed on the trainer's device with the weights in use."""
+    import torch
+
+    encoder = model.captioner.encoder
+    if ckpt_path:  # the checkpoint's encoder weights are the ones the run will use
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "captioner.encoder."
+        encoder.load_state_dict({name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)})
+    encoder.to(trainer.strategy.root_device)
+    try:
+        datamodule.use_encoder_features(encoder)
+    finally:
+        encoder.to("cpu")
 
 
 def _checkpoint_to_test(cfg: DictConfig, trainer: pl.Trainer) -> str | None:

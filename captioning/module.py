@@ -17,6 +17,7 @@ from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_p
 from captioning.losses import doubly_stochastic_penalty, masked_cross_entropy
 from captioning.models.captioner import build_captioner
 from captioning.models.decoders import DecoderOutput
+from captioning.models.encoders import EncodedImages
 from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class CaptioningModule(pl.LightningModule):
     def training_step(self, batch: CaptionBatch | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
             return None
-        features = self.captioner.encode(batch.images).select(batch.caption_image_index)
+        features = self.encode_batch(batch).select(batch.caption_image_index)
         probability = self.sampling_schedule.probability(self.current_epoch) if self.sampling_schedule else 0.0
         if probability > 0:
             output = scheduled_sampling_forward(self.captioner.decoder, features, batch.tokens, batch.lengths,
@@ -81,6 +82,12 @@ class CaptioningModule(pl.LightningModule):
         loss = self._loss(output, batch, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.tokens.shape[0])
         return loss
+
+    def encode_batch(self, batch: CaptionBatch) -> EncodedImages:
+        """The batch's images through the encoder, or its cached encoder features, ready for the decoder."""
+        if batch.features is not None:
+            return self.captioner.encode_cached(batch.features)
+        return self.captioner.encode(batch.images)
 
     def _loss(self, output: DecoderOutput, batch: CaptionBatch, label_smoothing: float = 0.0) -> torch.Tensor:
         loss = masked_cross_entropy(output.logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)
@@ -98,7 +105,7 @@ class CaptioningModule(pl.LightningModule):
         """Loss on every reference caption, and one generated caption per image."""
         if batch is None:
             return
-        features = self.captioner.encode(batch.images)
+        features = self.encode_batch(batch)
         if batch.tokens.numel():
             output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
             self.log(f"{stage}/loss", self._loss(output, batch), batch_size=batch.tokens.shape[0], sync_dist=True)
@@ -114,7 +121,8 @@ class CaptioningModule(pl.LightningModule):
             self._predictions[image_id] = tokens
         if stage == "val" and batch_idx == 0:
             keep = self.hparams.logged_samples
-            self._samples = list(zip(batch.image_ids[:keep].tolist(), batch.images[:keep].cpu()))
+            images = batch.images[:keep].cpu() if batch.images is not None else [None] * keep  # features: text only
+            self._samples = list(zip(batch.image_ids[:keep].tolist(), images))
 
     def on_validation_epoch_end(self) -> None:
         self._score_predictions("val")
@@ -146,7 +154,8 @@ class CaptioningModule(pl.LightningModule):
                 continue
             for number, (image_id, image) in enumerate(self._samples):
                 tag = f"val_samples/{number}"
-                logger.experiment.add_image(tag, image, self.global_step)
+                if image is not None:
+                    logger.experiment.add_image(tag, image, self.global_step)
                 lines = [f"**generated:** {captions.get(image_id, '')}", "",
                          *(f"reference: {r}" for r in references.get(image_id, []))]
                 logger.experiment.add_text(tag, "  \n".join(lines), self.global_step)
@@ -155,6 +164,28 @@ class CaptioningModule(pl.LightningModule):
         if stage not in self._evaluators:
             self._evaluators[stage] = CocoCaptionEvaluator(self.trainer.datamodule.references(stage))
         return self._evaluators[stage]
+
+    def on_train_start(self) -> None:
+        self._check_cached_features()
+
+    def on_validation_start(self) -> None:
+        self._check_cached_features()
+
+    def on_test_start(self) -> None:
+        self._check_cached_features()
+
+    def _check_cached_features(self) -> None:
+        """Cached features must come from this very encoder (e.g. not from other weights than a checkpoint's)."""
+        cache = getattr(self.trainer.datamodule, "features", None)
+        if cache is None:
+            return
+        if not self.captioner.encoder.frozen:
+            raise ValueError("the data module serves cached encoder features, but this model's encoder trains: "
+                             "set model.encoder.trainable_stages=0 or data.feature_cache=false")
+        if cache.identity != self.captioner.encoder.cache_identity():
+            raise ValueError(f"the feature cache {cache.directory} was computed by another encoder than this "
+                             "model's (other weights, grid or normalisation): give use_encoder_features() this "
+                             "model's encoder, with its final weights loaded")
 
     def teardown(self, stage: str) -> None:
         for evaluator in self._evaluators.values():

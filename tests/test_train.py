@@ -41,6 +41,7 @@ def _config(tmp_path: Path, data_dir: Path, overrides: list[str], shapes: bool =
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.log_dir = str(tmp_path)
         cfg.paths.data_dir = str(data_dir)
+        cfg.paths.cache_dir = str(tmp_path / "cache")
     return cfg
 
 
@@ -102,12 +103,16 @@ QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.lim
      "model/encoder=efficientnet_lite0", "model.encoder.trainable_stages=1", "model.encoder_lr=1e-4"],
     ["model=show_attend_tell", "model.beam_size=3", "model.decoder.context_encoder=birnn", "model.decoder.cell=gru",
      "model.scheduled_sampling={start_epoch: 0, increase_every: 1, increase_by: 0.5, max_probability: 0.5}"],
-], ids=["show_tell-gru", "show_tell-rnn", "show_tell-tied-efficientnet", "show_attend_tell-beam-sampling"])
+    ["model=show_attend_tell", "model.encoder.trainable_stages=0", "data.feature_cache=true"],
+], ids=["show_tell-gru", "show_tell-rnn", "show_tell-tied-efficientnet", "show_attend_tell-beam-sampling",
+        "show_attend_tell-feature-cache"])
 def test_every_decoder_and_encoder_config_trains_and_scores(tmp_path: Path, tiny_shapes: Path,
                                                             overrides: list[str]) -> None:
     cfg = _config(tmp_path, tiny_shapes.parent, [*QUICK, *overrides])
     metrics = train.run(cfg)
     assert metrics["test/CIDEr"] >= 0.0 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    if "data.feature_cache=true" in overrides:
+        assert len(list((tmp_path / "cache" / "features").glob("*/manifest.json"))) == 1
 
 
 def _every_split(key: str, value: str) -> list[str]:

@@ -12,13 +12,16 @@ from captioning.data.vocab import Vocabulary
 
 @dataclass
 class CaptionBatch:
-    """Images with their captions; several captions may belong to one image.
+    """Images (as pixels or as cached encoder features) with their captions.
 
-    ``caption_image_index[j]`` is the row of ``images`` that caption ``j`` describes, so the
-    encoder runs once per image however many captions it has.
+    Exactly one of ``images`` and ``features`` is set: ``features`` when the data module reads a
+    feature cache, and the model then skips its encoder. ``caption_image_index[j]`` is the image
+    row that caption ``j`` describes, so the encoder runs once per image however many captions
+    it has.
     """
 
-    images: torch.Tensor  # (batch, 3, H, W)
+    images: torch.Tensor | None  # (batch, 3, H, W) pixels in [0, 1]
+    features: torch.Tensor | None  # (batch, 1 + k*k, encoder_dim): global row, then the grid
     image_ids: torch.Tensor  # (batch,)
     tokens: torch.Tensor  # (num_captions, max_len): <bos> words <eos>, then <pad>=0
     lengths: torch.Tensor  # (num_captions,) tokens per caption, <bos> and <eos> included
@@ -26,7 +29,7 @@ class CaptionBatch:
 
 
 def collate_captions(items: Sequence[DatasetItem | None]) -> CaptionBatch | None:
-    """Stack images and pad every caption in the batch to the longest one.
+    """Stack images (or features) and pad every caption in the batch to the longest one.
 
     ``None`` items (images skipped as unreadable) are dropped; a batch of nothing is ``None``,
     which the module skips.
@@ -38,8 +41,11 @@ def collate_captions(items: Sequence[DatasetItem | None]) -> CaptionBatch | None
     owners = [row for row, item in enumerate(items) for _ in item.captions]
     tokens = (pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD_ID)
               if captions else torch.zeros(0, 0, dtype=torch.long))
+    stacked = torch.stack([item.image for item in items])
+    cached = stacked.dim() == 3  # features are (rows, dim) per image, pixels (3, H, W)
     return CaptionBatch(
-        images=torch.stack([item.image for item in items]),
+        images=None if cached else stacked,
+        features=stacked if cached else None,
         image_ids=torch.tensor([item.image_id for item in items]),
         tokens=tokens,
         lengths=torch.tensor([len(c) for c in captions], dtype=torch.long),

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from captioning.data.batch import CaptionBatch, collate_captions
 from captioning.data.datasets import FORMATS, CaptionDataset, CaptionedImage, load_annotations
+from captioning.data.features import FeatureCache, FeatureEncoder, write_feature_cache
 from captioning.data.image_cache import ImageCache, write_image_cache
 from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.shapes import SPLITS, ShapesConfig, ensure_shapes_dataset
@@ -45,6 +46,16 @@ class CachedPixels:
         return self.cache.tensor(image.image_id)
 
 
+class CachedFeatures:
+    """An image's cached encoder outputs (1 + k*k, encoder_dim), instead of its pixels."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+
+    def __call__(self, image: CaptionedImage) -> torch.Tensor:
+        return self.cache.tensor(image.image_id)
+
+
 class CaptionDataModule(pl.LightningDataModule):
     """Caption data in any supported format; the vocabulary comes from the training captions alone.
 
@@ -56,6 +67,8 @@ class CaptionDataModule(pl.LightningDataModule):
     image (named, with the reason); ``skip`` leaves such images out, logging each and the count.
     ``image_cache``: decode and resize every image once into a memory-mapped cache under
     ``image_cache_dir`` (reused while the images and size are unchanged), then train from it.
+    ``feature_cache``: batches carry a frozen encoder's outputs, computed once per image into
+    ``feature_cache_dir`` (as ``feature_cache_dtype``) by ``use_encoder_features``, instead of pixels.
     """
 
     def __init__(
@@ -75,6 +88,9 @@ class CaptionDataModule(pl.LightningDataModule):
         on_bad_image: str = "error",
         image_cache: bool = False,
         image_cache_dir: str | os.PathLike | None = None,
+        feature_cache: bool = False,
+        feature_cache_dir: str | os.PathLike | None = None,
+        feature_cache_dtype: str = "float16",
         generate_shapes: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
     ) -> None:
@@ -101,6 +117,10 @@ class CaptionDataModule(pl.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.image_cache = image_cache
         self.image_cache_dir = Path(image_cache_dir) if image_cache_dir else self.root / "cache"
+        self.feature_cache = feature_cache
+        self.feature_cache_dir = Path(feature_cache_dir) if feature_cache_dir else self.root / "cache" / "features"
+        self.feature_cache_dtype = feature_cache_dtype
+        self.features: FeatureCache | None = None
         self.shapes_config = ShapesConfig(**generate_shapes) if generate_shapes is not None else None
         self.pin_memory = pin_memory
         self.vocab: Vocabulary | None = None
@@ -126,11 +146,28 @@ class CaptionDataModule(pl.LightningDataModule):
             self._datasets[split] = CaptionDataset(self._images[split], self._encode, load_image, sampling,
                                                    skip_bad_images=self.on_bad_image == "skip")
 
+    def use_encoder_features(self, encoder: FeatureEncoder) -> None:
+        """Serve ``encoder``'s cached outputs instead of pixels from now on (``feature_cache``; after ``setup``).
+
+        Computes the cache where the encoder is (move it to a GPU first to compute there), unless
+        one for this encoder, these images and this size is complete; ranks wait for the writer.
+        """
+        if not self._datasets:
+            raise RuntimeError("call setup() before use_encoder_features()")
+        self.features = write_feature_cache(encoder, self._unique_images(), self._image_loader(),
+                                            self.feature_cache_dir, self.image_size, self.feature_cache_dtype,
+                                            batch_size=max(self.batch_size, 64), num_workers=self.num_workers)
+        for dataset in self._datasets.values():
+            dataset.load_image = CachedFeatures(self.features)
+
+    def _unique_images(self) -> list[CaptionedImage]:
+        unique = {image.image_id: image for split in SPLITS for image in self._images[split]}  # val may be test
+        return list(unique.values())
+
     def _image_loader(self) -> DecodedPixels | CachedPixels:
         if not self.image_cache:
             return DecodedPixels(self.image_size)
-        unique = {image.image_id: image for split in SPLITS for image in self._images[split]}  # val may be test
-        images = list(unique.values())
+        images = self._unique_images()
         write_image_cache(images, self.image_cache_dir, self.image_size, progress=True)
         return CachedPixels(ImageCache.open(self.image_cache_dir, self.image_size, images))
 
@@ -202,6 +239,9 @@ class CaptionDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[CaptionBatch]:
+        if self.feature_cache and self.features is None:
+            raise RuntimeError("data.feature_cache is on, but no encoder was given: call "
+                               "use_encoder_features(model.captioner.encoder) after setup() (train.py does)")
         return DataLoader(
             self._datasets[split],
             batch_size=self.batch_size,

@@ -36,10 +36,10 @@ class CaptionedImage:
 
 @dataclass(frozen=True)
 class DatasetItem:
-    """What a dataset yields for one image: pixels and its encoded captions."""
+    """What a dataset yields for one image: pixels (or its cached encoder features) and its encoded captions."""
 
     image_id: int
-    image: torch.Tensor  # (3, H, W)
+    image: torch.Tensor  # (3, H, W) pixels, or (1 + k*k, encoder_dim) cached features
     captions: list[torch.Tensor]  # each (caption_length + 2,): <bos> words <eos>
 
 
@@ -247,7 +247,8 @@ class CaptionDataset(Dataset[DatasetItem | None]):
 
     Encoding every caption of an image in one item lets the module run the CNN once per image
     and train on all its captions; validation and test visit each image exactly once.
-    ``load_image`` gives an image's pixels (decoded from its file, or from a resized-image cache).
+    ``load_image`` gives an image's pixels (decoded from its file, or from a resized-image cache)
+    or its cached encoder features.
     An image that fails to load stops with a ``BadImageError`` naming it, or, with
     ``skip_bad_images``, is logged once and yields ``None`` (``collate_captions`` drops it).
     """

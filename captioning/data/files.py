@@ -1,17 +1,27 @@
-"""Writing generated data safely: a lock between processes, an atomic folder swap, file hashes.
+"""Writing generated data safely: a lock between processes, an atomic folder swap, file hashes,
+and the manifests and keys of the caches.
 
-Both the shapes generator and the resized-image cache write a folder in a staging place, add a
-manifest last and rename the folder into place, so a reader never sees a half-written one.
+The shapes generator, the resized-image cache and the feature cache all write a folder in a
+staging place, add a manifest last and rename the folder into place, so a reader never sees a
+half-written one.
 """
 
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
+
+from captioning.data.datasets import CaptionedImage
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 22
@@ -41,3 +51,80 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(_HASH_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write then rename, so a reader sees the old file or the whole new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1))
+    os.replace(partial, path)
+
+
+def read_json(path: Path) -> Any:
+    """The file's JSON, or None when it is missing or not JSON (a cache then counts as absent)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def complete_manifest(folder: Path, format_version: int, digest: str | None = None) -> dict[str, Any] | None:
+    """The manifest of a complete cache in ``folder`` (of ``format_version``, for ``digest`` if given), else None.
+
+    Checks that every listed file exists with its recorded size; contents are rehashed only on
+    request (re-reading gigabytes on every start would cost more than the cache saves).
+    """
+    manifest = read_json(folder / MANIFEST_NAME)
+    if not isinstance(manifest, dict) or manifest.get("format_version") != format_version:
+        return None
+    if digest is not None and manifest.get("key") != digest:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for name, record in files.items():
+        try:
+            if (folder / name).stat().st_size != record["bytes"]:
+                return None
+        except (OSError, KeyError, TypeError):
+            return None
+    return manifest
+
+
+def image_entries(images: Sequence[CaptionedImage]) -> tuple[list[CaptionedImage], list[list[Any]]]:
+    """The images in id order (a cache's layout must not depend on the caller's order) and their entries.
+
+    An entry is ``[image_id, absolute path, size, mtime_ns]``; a missing file has None, so adding it
+    later changes the key. Repeated ids are refused.
+    """
+    ordered = sorted(images, key=lambda image: image.image_id)
+    repeated = sorted({a.image_id for a, b in pairwise(ordered) if a.image_id == b.image_id})
+    if repeated:
+        raise ValueError(f"image ids must be unique to be cached; repeated: {repeated[:10]}"
+                         f"{' ...' if len(repeated) > 10 else ''}")
+    return ordered, [_image_entry(image) for image in ordered]
+
+
+def _image_entry(image: CaptionedImage) -> list[Any]:
+    path = Path(image.path).absolute()
+    try:
+        stat = path.stat()
+        size, mtime = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime = None
+    return [image.image_id, str(path), size, mtime]
+
+
+def key_digest(parameters: dict[str, Any], entries: list[list[Any]]) -> str:
+    """The sha256 naming a cache: its parameters and its image entries, as canonical JSON."""
+    text = json.dumps({"parameters": parameters, "images": entries}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def mention_other_caches(target: Path, kind: str) -> None:
+    """Log the other complete caches beside ``target``: old keys are listed, never deleted (a run may read them)."""
+    others = [p for p in target.parent.iterdir() if p.is_dir() and p != target and not p.name.startswith(".")
+              and (p / MANIFEST_NAME).exists()]
+    if others:
+        sizes = ", ".join(f"{p.name} ({sum(f.stat().st_size for f in p.iterdir()) / 1e9:.2f} GB)" for p in others)
+        log.info("other %s in %s (older keys; delete them when nothing reads them): %s", kind, target.parent, sizes)

@@ -23,7 +23,6 @@ opened. Any change to the key gives a new folder; old ones are listed in the log
 (another run may still read them).
 """
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -33,7 +32,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cache
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +44,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision.transforms import Resize
 
 from captioning.data.datasets import CaptionedImage
-from captioning.data.files import MANIFEST_NAME, locked, replace_directory, sha256_file
+from captioning.data.files import (
+    MANIFEST_NAME,
+    complete_manifest,
+    image_entries,
+    key_digest,
+    locked,
+    mention_other_caches,
+    read_json,
+    replace_directory,
+    sha256_file,
+    write_json,
+)
 from captioning.data.images import BadImageError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -98,35 +107,10 @@ class ImageCacheReport:
 # ---------------------------------------------------------------- key
 
 
-def _sorted_unique(images: Sequence[CaptionedImage]) -> list[CaptionedImage]:
-    """Images ordered by id (the layout must not depend on the caller's order); repeated ids refused."""
-    ordered = sorted(images, key=lambda image: image.image_id)
-    repeated = sorted({a.image_id for a, b in pairwise(ordered) if a.image_id == b.image_id})
-    if repeated:
-        raise ValueError(f"image ids must be unique to be cached; repeated: {repeated[:10]}"
-                         f"{' ...' if len(repeated) > 10 else ''}")
-    return ordered
-
-
-def _image_entry(image: CaptionedImage) -> list[Any]:
-    """``[image_id, absolute path, size, mtime_ns]``; a missing file has None, so adding it changes the key."""
-    path = Path(image.path).absolute()
-    try:
-        stat = path.stat()
-        size, mtime = stat.st_size, stat.st_mtime_ns
-    except OSError:
-        size = mtime = None
-    return [image.image_id, str(path), size, mtime]
-
-
-def _key_parameters(image_size: int) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "image_size": image_size, "resize": RESIZE_METHOD,
-            "pillow": PIL.__version__, "torchvision": torchvision.__version__}
-
-
-def _digest(parameters: dict[str, Any], entries: list[list[Any]]) -> str:
-    text = json.dumps({"parameters": parameters, "images": entries}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+def transform_parameters(image_size: int) -> dict[str, Any]:
+    """What fixes an image's resized pixels: its size, the resize and the libraries that do it."""
+    return {"image_size": image_size, "resize": RESIZE_METHOD, "pillow": PIL.__version__,
+            "torchvision": torchvision.__version__}
 
 
 @dataclass(frozen=True)
@@ -140,10 +124,9 @@ class _CacheKey:
 
 
 def _cache_key(images: Sequence[CaptionedImage], image_size: int) -> _CacheKey:
-    ordered = _sorted_unique(images)
-    entries = [_image_entry(image) for image in ordered]
-    parameters = _key_parameters(image_size)
-    return _CacheKey(ordered, entries, parameters, _digest(parameters, entries))
+    ordered, entries = image_entries(images)
+    parameters = {"format_version": FORMAT_VERSION, **transform_parameters(image_size)}
+    return _CacheKey(ordered, entries, parameters, key_digest(parameters, entries))
 
 
 def cache_key(images: Sequence[CaptionedImage], image_size: int) -> str:
@@ -198,45 +181,6 @@ def progress_bar(enabled: bool) -> Progress:
 # ---------------------------------------------------------------- files
 
 
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write then rename, so a reader sees the old file or the whole new one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _complete_manifest(folder: Path, digest: str | None = None) -> dict[str, Any] | None:
-    """The manifest of a complete cache in ``folder`` (for ``digest`` if given), else None.
-
-    Checks that every listed file exists with its recorded size; hashes only in ``ImageCache.verify``
-    (re-reading gigabytes on every start would cost more than the cache saves).
-    """
-    manifest = _read_json(folder / MANIFEST_NAME)
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        return None
-    if digest is not None and manifest.get("key") != digest:
-        return None
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return None
-    for name, record in files.items():
-        try:
-            if (folder / name).stat().st_size != record["bytes"]:
-                return None
-        except (OSError, KeyError, TypeError):
-            return None
-    return manifest
-
-
-
 # ---------------------------------------------------------------- writing
 
 
@@ -254,11 +198,11 @@ def write_image_cache(images: Sequence[CaptionedImage], directory: str | os.Path
     images, entries, parameters, digest = key.images, key.entries, key.parameters, key.digest
     directory = Path(directory)
     target = directory / _folder_name(image_size, digest)
-    manifest = _complete_manifest(target, digest)
+    manifest = complete_manifest(target, FORMAT_VERSION, digest)
     if manifest is None:
         directory.mkdir(parents=True, exist_ok=True)
         with locked(directory / f".{target.name}.lock"):
-            manifest = _complete_manifest(target, digest)  # another process may have finished it meanwhile
+            manifest = complete_manifest(target, FORMAT_VERSION, digest)  # another process may have finished it meanwhile
             if manifest is None:
                 return _write(images, entries, parameters, digest, target, shard_size, progress, workers)
     log.info("image cache %s is complete for these %d images: nothing to do", target, len(images))
@@ -272,12 +216,12 @@ def _write(images: list[CaptionedImage], entries: list[list[Any]], parameters: d
                               "write_image_cache; move it away (it is never deleted automatically)")
     staging = target.parent / f".{target.name}.partial"
     staging_record = {"key": digest, "shard_size": shard_size}
-    if _read_json(staging / _STAGING_NAME) != staging_record:
+    if read_json(staging / _STAGING_NAME) != staging_record:
         if staging.exists():
             log.warning("discarding %s: it was left by a write of another key or shard size", staging)
             shutil.rmtree(staging)
         staging.mkdir()
-        _write_json(staging / _STAGING_NAME, staging_record)
+        write_json(staging / _STAGING_NAME, staging_record)
     _check_disk_space(staging, len(images), parameters["image_size"])
 
     image_size = parameters["image_size"]
@@ -300,10 +244,10 @@ def _write(images: list[CaptionedImage], entries: list[list[Any]], parameters: d
              for row, image_id in enumerate(record["image_ids"]) if image_id is not None}
     bad = [entry for record in shards for entry in record["bad"]]
     conversions = {key: value for record in shards for key, value in record["conversions"].items()}
-    _write_json(staging / INDEX_NAME, index)
-    _write_json(staging / BAD_NAME, bad)
-    _write_json(staging / CONVERSIONS_NAME, conversions)
-    _write_json(staging / IMAGES_NAME, entries)
+    write_json(staging / INDEX_NAME, index)
+    write_json(staging / BAD_NAME, bad)
+    write_json(staging / CONVERSIONS_NAME, conversions)
+    write_json(staging / IMAGES_NAME, entries)
     files = {f"shard-{n:05d}.npy": {"bytes": r["bytes"], "sha256": r["sha256"], "rows": len(r["image_ids"])}
              for n, r in enumerate(shards)}
     for name in (INDEX_NAME, BAD_NAME, CONVERSIONS_NAME, IMAGES_NAME):
@@ -315,11 +259,11 @@ def _write(images: list[CaptionedImage], entries: list[list[Any]], parameters: d
     for number in range(len(shards)):
         (staging / f"shard-{number:05d}.json").unlink()
     (staging / _STAGING_NAME).unlink()
-    _write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means complete
+    write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means complete
     replace_directory(staging, target)
     log.info("wrote image cache %s: %d images cached, %d bad, %d converted to RGB", target, len(index),
              len(bad), len(conversions))
-    _mention_other_caches(target)
+    mention_other_caches(target, "image caches")
     return _report(target, manifest, written=True, reused_shards=reused)
 
 
@@ -350,13 +294,13 @@ def _write_shard(staging: Path, number: int, chunk: list[CaptionedImage], image_
     os.replace(partial, shard)
     record = {"image_ids": image_ids, "bad": bad, "conversions": conversions,
               "bytes": shard.stat().st_size, "sha256": sha256_file(shard)}
-    _write_json(staging / f"shard-{number:05d}.json", record)
+    write_json(staging / f"shard-{number:05d}.json", record)
     return record
 
 
 def _finished_shard(staging: Path, number: int, chunk: list[CaptionedImage]) -> dict[str, Any] | None:
     """The record of a shard an interrupted run finished, if it is for these images and still intact."""
-    record = _read_json(staging / f"shard-{number:05d}.json")
+    record = read_json(staging / f"shard-{number:05d}.json")
     shard = staging / f"shard-{number:05d}.npy"
     if not isinstance(record, dict) or not shard.is_file():
         return None
@@ -379,15 +323,6 @@ def _check_disk_space(staging: Path, count: int, image_size: int) -> None:
     if needed - present > free:
         raise OSError(f"an image cache of {count} images at {image_size}px needs about "
                       f"{(needed - present) / 1e9:.1f} GB more in {staging.parent}, which has {free / 1e9:.1f} GB free")
-
-
-def _mention_other_caches(target: Path) -> None:
-    others = [p for p in target.parent.iterdir() if p.is_dir() and p != target and not p.name.startswith(".")
-              and (p / MANIFEST_NAME).exists()]
-    if others:
-        sizes = ", ".join(f"{p.name} ({sum(f.stat().st_size for f in p.iterdir()) / 1e9:.2f} GB)" for p in others)
-        log.info("other image caches in %s (older keys; delete them when nothing reads them): %s",
-                 target.parent, sizes)
 
 
 def _report(folder: Path, manifest: dict[str, Any], written: bool, reused_shards: int = 0) -> ImageCacheReport:
@@ -425,12 +360,12 @@ class ImageCache:
         key = _cache_key(images, image_size)
         images, entries, parameters, digest = key.images, key.entries, key.parameters, key.digest
         exact = directory / _folder_name(image_size, digest)
-        manifest = _complete_manifest(exact, digest)
+        manifest = complete_manifest(exact, FORMAT_VERSION, digest)
         if manifest is not None:
             return cls(exact, manifest)
         found = []
         for folder in sorted(directory.iterdir()) if directory.is_dir() else ():
-            candidate = _complete_manifest(folder) if folder.is_dir() and not folder.name.startswith(".") else None
+            candidate = complete_manifest(folder, FORMAT_VERSION) if folder.is_dir() and not folder.name.startswith(".") else None
             if candidate is None:
                 continue
             found.append(f"{folder.name} ({candidate['counts']['images']} images at {candidate['image_size']}px)")

@@ -32,6 +32,10 @@ class EncoderDecoder(nn.Module):
         """Encoder outputs with the decoder's per-image work done: ready for ``step`` and decoding."""
         return self.decoder.prepare(self.encoder(images))
 
+    def encode_cached(self, rows: torch.Tensor) -> EncodedImages:
+        """``encode`` for the encoder's cached outputs (``CNNEncoder.feature_rows``), e.g. float16 from disk."""
+        return self.decoder.prepare(EncodedImages.from_rows(rows.to(self.encoder.mean.dtype)))
+
 
 def build_captioner(vocab_size: int, encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> EncoderDecoder:
     """Build from plain settings (as stored in checkpoints), e.g. ``decoder={"type": "show_tell", ...}``."""

@@ -4,8 +4,10 @@ Images arrive as ``[0, 1]`` RGB tensors; each encoder applies the normalisation 
 trained with, so data pipelines and caches stay model-agnostic.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +31,18 @@ class EncodedImages:
         """Rows ``index`` (e.g. one per caption, or one per beam)."""
         return EncodedImages(*(None if part is None else part[index]
                                for part in (self.global_features, self.grid_features, self.keys)))
+
+    def rows(self) -> torch.Tensor:
+        """The encoder outputs as one tensor, as the feature cache stores them: global row first, then the grid."""
+        parts = [self.global_features.unsqueeze(1)]  # (batch, 1, encoder_dim)
+        if self.grid_features is not None:
+            parts.append(self.grid_features)  # (batch, k*k, encoder_dim)
+        return torch.cat(parts, dim=1)  # (batch, 1 + k*k, encoder_dim)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> "EncodedImages":
+        """The inverse of ``rows``: (batch, 1 + k*k, encoder_dim) -> global vectors and grid (None if k is 0)."""
+        return cls(rows[:, 0], rows[:, 1:] if rows.shape[1] > 1 else None)
 
 
 class CNNEncoder(nn.Module):
@@ -77,6 +91,21 @@ class CNNEncoder(nn.Module):
         for stage in self.frozen_stages():
             stage.eval()  # frozen BatchNorm keeps its pretrained running statistics
         return self
+
+    def feature_rows(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, 1 + k*k, encoder_dim) outputs for the feature cache; images move to the encoder's device."""
+        return self(images.to(self.mean.device)).rows()
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Everything that fixes this encoder's outputs, for the feature cache's key: a weight change is a new key."""
+        weights = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):  # BatchNorm statistics included
+            weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return {"class": type(self).__name__, "backbone": self.backbone_name,
+                "grid_size": None if self.grid_pool is None else self.grid_pool.output_size,
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "weights_sha256": weights.hexdigest()}
 
     def forward(self, images: torch.Tensor) -> EncodedImages:
         feature_map = self.stages((images - self.mean) / self.std)  # (batch, encoder_dim, h, w)

@@ -1,0 +1,188 @@
+"""The feature cache: training from cached encoder outputs equals running the frozen CNN, and the key works."""
+
+import os
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from captioning.data.batch import collate_captions
+from captioning.data.datamodule import CaptionDataModule, DecodedPixels
+from captioning.data.datasets import load_annotations
+from captioning.data.features import FeatureCache, write_feature_cache
+from captioning.data.images import BadImageError
+from captioning.models.encoders import CNNEncoder, EncodedImages
+from captioning.module import CaptioningModule
+
+SPLITS = {split: {"annotations": f"annotations/captions_{split}.json", "images": f"images/{split}"}
+          for split in ("train", "val", "test")}
+ENCODER = {"backbone": "resnet18", "grid_size": 2, "trainable_stages": 0}
+DECODER = {"type": "show_attend_tell", "embed_dim": 16, "hidden_size": 32, "attention_dim": 16, "dropout": 0.5}
+IMAGE_SIZE = 64
+
+
+def _datamodule(root: Path, cache_dir: Path, **settings: object) -> CaptionDataModule:
+    data = CaptionDataModule(root, SPLITS, image_size=IMAGE_SIZE, batch_size=6, min_word_count=1,
+                             feature_cache_dir=cache_dir, **settings)
+    data.setup()
+    return data
+
+
+def _module(data: CaptionDataModule, seed: int = 0) -> CaptioningModule:
+    torch.manual_seed(seed)
+    return CaptioningModule(data.vocab.tokens, ENCODER, DECODER,
+                            optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+
+
+def _first_train_batch(data: CaptionDataModule):
+    dataset = data._datasets["train"]
+    return collate_captions([dataset[i] for i in range(6)])
+
+
+def _train_images(root: Path):
+    return load_annotations("coco", root / "annotations/captions_train.json", root / "images/train")
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("float16", 2e-3)])
+def test_training_from_cached_features_gives_the_frozen_cnns_loss_and_gradients(
+        tiny_shapes: Path, tmp_path: Path, dtype: str, tolerance: float) -> None:
+    pixels = _datamodule(tiny_shapes, tmp_path)
+    cached = _datamodule(tiny_shapes, tmp_path, feature_cache=True, feature_cache_dtype=dtype)
+    module = _module(pixels)
+    cached.use_encoder_features(module.captioner.encoder)
+
+    from_pixels, from_features = _first_train_batch(pixels), _first_train_batch(cached)
+    assert from_pixels.features is None and from_features.images is None
+    assert from_features.features.shape == (6, 1 + 2 * 2, module.captioner.encoder.output_dim)
+    assert from_features.features.dtype == getattr(torch, dtype)
+    assert torch.equal(from_pixels.tokens, from_features.tokens)
+
+    losses, gradients = [], []
+    for batch in (from_pixels, from_features):
+        module.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        gradients.append(torch.cat([p.grad.flatten() for p in module.captioner.decoder.parameters()]))
+    assert losses[0].item() > 1.0  # an untrained model's real loss, not zero
+    torch.testing.assert_close(losses[1], losses[0], rtol=tolerance, atol=0)
+    assert (gradients[1] - gradients[0]).norm() < tolerance * gradients[0].norm()  # the same update direction
+    assert all(p.grad is None for p in module.captioner.encoder.parameters())  # frozen: nothing to train
+
+
+def test_cached_rows_are_the_encoders_global_vector_and_grid(tiny_shapes: Path, tmp_path: Path) -> None:
+    images = _train_images(tiny_shapes)[:5]
+    torch.manual_seed(0)
+    encoder = CNNEncoder(**ENCODER)
+    cache = write_feature_cache(encoder, images, DecodedPixels(IMAGE_SIZE), tmp_path, IMAGE_SIZE, "float32",
+                                batch_size=2, progress=False)
+    pixels = torch.stack([DecodedPixels(IMAGE_SIZE)(image) for image in images])
+    with torch.no_grad():
+        expected = encoder(pixels)
+    rows = torch.stack([cache.tensor(image.image_id) for image in images])
+    restored = EncodedImages.from_rows(rows)
+    # batches of 2 vs 5 images: convolutions may round differently in the last bits
+    torch.testing.assert_close(restored.global_features, expected.global_features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(restored.grid_features, expected.grid_features, rtol=1e-4, atol=1e-5)
+
+
+def _count_encodings(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[int]:
+    calls: list[int] = []
+    original = CNNEncoder.feature_rows
+
+    def counting(self: CNNEncoder, images: torch.Tensor) -> torch.Tensor:
+        calls.append(images.shape[0])
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # as if the job were stopped mid-write
+        return original(self, images)
+
+    monkeypatch.setattr(CNNEncoder, "feature_rows", counting)
+    return calls
+
+
+def test_the_key_covers_weights_size_grid_dtype_and_files(tiny_shapes: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _train_images(tiny_shapes)[:4]
+    torch.manual_seed(0)
+    encoder = CNNEncoder(**ENCODER)
+    load = DecodedPixels(IMAGE_SIZE)
+    calls = _count_encodings(monkeypatch)
+    first = write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, progress=False)
+    assert sum(calls) == 4
+    again = write_feature_cache(encoder, list(reversed(images)), load, tmp_path, IMAGE_SIZE, progress=False)
+    assert again.directory == first.directory and sum(calls) == 4  # complete: reused, nothing computed
+    assert first.verify() == []
+
+    folders = {first.directory}
+    other_grid = CNNEncoder(**{**ENCODER, "grid_size": 1})
+    other_grid.load_state_dict(encoder.state_dict())
+    variants = [
+        write_feature_cache(other_grid, images, load, tmp_path, IMAGE_SIZE, progress=False),
+        write_feature_cache(encoder, images, DecodedPixels(32), tmp_path, 32, progress=False),
+        write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, "float32", progress=False),
+    ]
+    with torch.no_grad():
+        encoder.stages[-1][0].conv1.weight[0, 0, 0, 0] += 1e-3  # one weight changes
+    variants.append(write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, progress=False))
+    stat = images[0].path.stat()
+    os.utime(images[0].path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the file was touched
+    variants.append(write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, progress=False))
+    folders |= {cache.directory for cache in variants}
+    assert len(folders) == 6 and sum(calls) == 6 * 4
+    assert variants[0].tensor(images[0].image_id).shape == (2, encoder.output_dim)  # global + a 1x1 grid
+
+
+def test_an_interrupted_write_leaves_no_cache_and_a_rerun_computes_it(tiny_shapes: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _train_images(tiny_shapes)[:6]
+    encoder = CNNEncoder(**ENCODER)
+    load = DecodedPixels(IMAGE_SIZE)
+    _count_encodings(monkeypatch, fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, batch_size=2, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []  # only staging and lock
+    calls = _count_encodings(monkeypatch)
+    cache = write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, batch_size=2, progress=False)
+    assert sum(calls) == 6 and len(cache) == 6 and not list(tmp_path.glob(".*.partial"))
+
+    shard = cache.directory / "shard-00000.npy"
+    shard.write_bytes(shard.read_bytes()[:-100])  # damaged on disk: no longer complete, so computed again
+    rewritten = write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, batch_size=2, progress=False)
+    assert sum(calls) == 12 and rewritten.directory == cache.directory and rewritten.verify() == []
+
+
+def test_unreadable_images_are_recorded_and_raise_when_read(tiny_shapes: Path, tmp_path: Path) -> None:
+    images = _train_images(tiny_shapes)[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    images[1] = type(images[1])(images[1].image_id, broken, images[1].captions)
+    cache = write_feature_cache(CNNEncoder(**ENCODER), images, DecodedPixels(IMAGE_SIZE), tmp_path / "cache",
+                                IMAGE_SIZE, progress=False)
+    assert len(cache) == 2 and images[1].image_id not in cache
+    with pytest.raises(BadImageError, match="broken.png"):
+        cache.tensor(images[1].image_id)
+    reopened = FeatureCache(cache.directory, cache.manifest)
+    assert torch.equal(reopened.tensor(images[0].image_id), cache.tensor(images[0].image_id))
+
+
+def test_a_trainable_encoder_cannot_be_cached(tiny_shapes: Path, tmp_path: Path) -> None:
+    encoder = CNNEncoder(**{**ENCODER, "trainable_stages": 1})
+    with pytest.raises(ValueError, match="trainable_stages=0"):
+        write_feature_cache(encoder, _train_images(tiny_shapes)[:2], DecodedPixels(IMAGE_SIZE), tmp_path,
+                            IMAGE_SIZE, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode")
+def test_features_of_another_encoder_are_refused_at_fit_time(tiny_shapes: Path, tmp_path: Path) -> None:
+    data = _datamodule(tiny_shapes, tmp_path, feature_cache=True)
+    with pytest.raises(RuntimeError, match="use_encoder_features"):
+        data.train_dataloader()
+    data.use_encoder_features(_module(data, seed=0).captioner.encoder)
+    other = _module(data, seed=1)  # other random weights than those the cache was computed with
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(ValueError, match="another encoder"):
+        trainer.fit(other, datamodule=data)

@@ -168,7 +168,7 @@ class CaptionDataModule(pl.LightningDataModule):
         if not self.image_cache:
             return DecodedPixels(self.image_size)
         images = self._unique_images()
-        write_image_cache(images, self.image_cache_dir, self.image_size, progress=True)
+        write_image_cache(images, self.image_cache_dir, self.image_size, progress=True, workers=self.num_workers)
         return CachedPixels(ImageCache.open(self.image_cache_dir, self.image_size, images))
 
     def _load(self, split: str) -> list[CaptionedImage]:

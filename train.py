@@ -95,13 +95,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _use_feature_cache(model: CaptioningModule, datamodule: CaptionDataModule, trainer: pl.Trainer,
                        ckpt_path: str | None) -> None:
     """Serve the frozen encoder's cached outputs, computed on the trainer's device with the weights in use."""
-    import torch
-
-    encoder = model.captioner.encoder
     if ckpt_path:  # the checkpoint's encoder weights are the ones the run will use
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        prefix = "captioner.encoder."
-        encoder.load_state_dict({name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)})
+        model.load_encoder_weights(ckpt_path)
+    encoder = model.captioner.encoder
     encoder.to(trainer.strategy.root_device)
     try:
         datamodule.use_encoder_features(encoder)

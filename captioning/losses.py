@@ -6,12 +6,12 @@ import torch.nn.functional as F
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0,
                          label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over non-padding targets; padded positions never contribute.
+    """Mean cross-entropy over non-padding targets; padded positions are not even computed.
 
     logits (num_captions, steps, vocab_size), targets (num_captions, steps).
     """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=pad_id, label_smoothing=label_smoothing)
+    real = targets != pad_id  # (num_captions, steps)
+    return F.cross_entropy(logits[real].float(), targets[real], label_smoothing=label_smoothing)  # (words, vocab)
 
 
 def doubly_stochastic_penalty(attention: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """CaptioningModule: the LightningModule that trains an ``EncoderDecoder`` and scores its captions."""
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
@@ -169,7 +171,8 @@ class CaptioningModule(pl.LightningModule):
         self._check_cached_features()
 
     def on_validation_start(self) -> None:
-        self._check_cached_features()
+        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING:
+            self._check_cached_features()  # while fitting, the sanity check and on_train_start suffice
 
     def on_test_start(self) -> None:
         self._check_cached_features()
@@ -209,6 +212,13 @@ class CaptioningModule(pl.LightningModule):
         if self.hparams.encoder_lr is None:
             return [{"params": encoder + decoder}]
         return [{"params": decoder}, {"params": encoder, "lr": self.hparams.encoder_lr}]
+
+    def load_encoder_weights(self, checkpoint_path: str | os.PathLike) -> None:
+        """Only the encoder's weights from a checkpoint of this model (e.g. to compute its cached features)."""
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "captioner.encoder."
+        self.captioner.encoder.load_state_dict(
+            {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")

@@ -1,25 +1,30 @@
 """The feature cache: training from cached encoder outputs equals running the frozen CNN, and the key works."""
 
 import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils.data._utils.pin_memory import pin_memory
 
-from captioning.data.batch import collate_captions
+from captioning.data.batch import CaptionBatch, collate_captions
 from captioning.data.datamodule import CaptionDataModule, DecodedPixels
 from captioning.data.datasets import load_annotations
 from captioning.data.features import FeatureCache, write_feature_cache
 from captioning.data.images import BadImageError
 from captioning.models.encoders import CNNEncoder, EncodedImages
 from captioning.module import CaptioningModule
+from tests.conftest import TINY_SHAPES
 
 SPLITS = {split: {"annotations": f"annotations/captions_{split}.json", "images": f"images/{split}"}
           for split in ("train", "val", "test")}
 ENCODER = {"backbone": "resnet18", "grid_size": 2, "trainable_stages": 0}
 DECODER = {"type": "show_attend_tell", "embed_dim": 16, "hidden_size": 32, "attention_dim": 16, "dropout": 0.5}
 IMAGE_SIZE = 64
+TINY_TRAIN_IMAGES = TINY_SHAPES.num_train
 
 
 def _datamodule(root: Path, cache_dir: Path, **settings: object) -> CaptionDataModule:
@@ -146,7 +151,7 @@ def test_an_interrupted_write_leaves_no_cache_and_a_rerun_computes_it(tiny_shape
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []  # only staging and lock
     calls = _count_encodings(monkeypatch)
     cache = write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, batch_size=2, progress=False)
-    assert sum(calls) == 6 and len(cache) == 6 and not list(tmp_path.glob(".*.partial"))
+    assert sum(calls) == 6 and len(cache) == 6 and not list(tmp_path.glob(".*.partial*"))
 
     shard = cache.directory / "shard-00000.npy"
     shard.write_bytes(shard.read_bytes()[:-100])  # damaged on disk: no longer complete, so computed again
@@ -186,3 +191,51 @@ def test_features_of_another_encoder_are_refused_at_fit_time(tiny_shapes: Path, 
                          enable_model_summary=False)
     with pytest.raises(ValueError, match="another encoder"):
         trainer.fit(other, datamodule=data)
+
+
+def test_a_pickled_cache_reopens_its_memory_maps(tiny_shapes: Path, tmp_path: Path) -> None:
+    images = _train_images(tiny_shapes)[:3]
+    cache = write_feature_cache(CNNEncoder(**ENCODER), images, DecodedPixels(IMAGE_SIZE), tmp_path, IMAGE_SIZE,
+                                progress=False)
+    expected = cache.tensor(images[2].image_id)
+    copy = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker receives
+    assert copy._shards == {} and torch.equal(copy.tensor(images[2].image_id), expected)
+
+
+@pytest.mark.parametrize("on_bad_image", ["error", "skip"])
+def test_an_image_that_fails_only_when_decoded_stops_before_training_or_is_skipped(
+        tiny_shapes: Path, tmp_path: Path, on_bad_image: str, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, root)
+    damaged = sorted((root / "images" / "train").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:200])  # the header is sound, the pixels are cut off
+    data = _datamodule(root, tmp_path / "cache", feature_cache=True, on_bad_image=on_bad_image)
+    encoder = _module(data).captioner.encoder
+    if on_bad_image == "error":
+        with pytest.raises(ValueError, match=f"1 images failed when computing its encoder features: {damaged}"):
+            data.use_encoder_features(encoder)
+        return
+    with caplog.at_level("WARNING"):
+        data.use_encoder_features(encoder)
+    assert "1 images failed when computing its encoder features and will be skipped" in caplog.text
+    dataset = data._datasets["train"]
+    items = [dataset[i] for i in range(len(dataset))]
+    assert sum(item is None for item in items) == 1 and len(items) == TINY_TRAIN_IMAGES
+
+
+def test_batches_pin_their_tensors_for_the_gpu_copy(tiny_shapes: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _datamodule(tiny_shapes, tmp_path, feature_cache=True)
+    data.use_encoder_features(_module(data).captioner.encoder)
+    batch = _first_train_batch(data)
+    pinned_copies: list[torch.Tensor] = []
+
+    def fake_pin(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        pinned_copies.append(tensor)  # a CPU-only machine cannot page-lock memory: record the call instead
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    pinned = pin_memory(batch)  # what DataLoader(pin_memory=True) applies to every batch
+    assert isinstance(pinned, CaptionBatch) and pinned.images is None
+    assert len(pinned_copies) == 5 and torch.equal(pinned.features, batch.features)
+    assert pinned.features.data_ptr() != batch.features.data_ptr()

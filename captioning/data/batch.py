@@ -1,7 +1,7 @@
 """The batch structure the data module hands to the model side."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -26,6 +26,11 @@ class CaptionBatch:
     tokens: torch.Tensor  # (num_captions, max_len): <bos> words <eos>, then <pad>=0
     lengths: torch.Tensor  # (num_captions,) tokens per caption, <bos> and <eos> included
     caption_image_index: torch.Tensor  # (num_captions,)
+
+    def pin_memory(self) -> "CaptionBatch":
+        """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), so copies to a GPU run async."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
 
 def collate_captions(items: Sequence[DatasetItem | None]) -> CaptionBatch | None:

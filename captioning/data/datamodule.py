@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from captioning.data.batch import CaptionBatch, collate_captions
 from captioning.data.datasets import FORMATS, CaptionDataset, CaptionedImage, load_annotations
 from captioning.data.features import FeatureCache, FeatureEncoder, write_feature_cache
+from captioning.data.files import ShardedCache
 from captioning.data.image_cache import ImageCache, write_image_cache
 from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.shapes import SPLITS, ShapesConfig, ensure_shapes_dataset
@@ -36,20 +37,11 @@ class DecodedPixels:
         return self.transform(open_rgb(image.path)[0])
 
 
-class CachedPixels:
-    """The same pixels, read from the resized-image cache (bit-identical to ``DecodedPixels``)."""
+class FromCache:
+    """What a cache holds for an image instead of decoding it: resized pixels (bit-identical to
+    ``DecodedPixels``) from an ``ImageCache``, or encoder outputs (1 + k*k, encoder_dim) from a ``FeatureCache``."""
 
-    def __init__(self, cache: ImageCache) -> None:
-        self.cache = cache
-
-    def __call__(self, image: CaptionedImage) -> torch.Tensor:
-        return self.cache.tensor(image.image_id)
-
-
-class CachedFeatures:
-    """An image's cached encoder outputs (1 + k*k, encoder_dim), instead of its pixels."""
-
-    def __init__(self, cache: FeatureCache) -> None:
+    def __init__(self, cache: ShardedCache) -> None:
         self.cache = cache
 
     def __call__(self, image: CaptionedImage) -> torch.Tensor:
@@ -157,19 +149,36 @@ class CaptionDataModule(pl.LightningDataModule):
         self.features = write_feature_cache(encoder, self._unique_images(), self._image_loader(),
                                             self.feature_cache_dir, self.image_size, self.feature_cache_dtype,
                                             batch_size=max(self.batch_size, 64), num_workers=self.num_workers)
+        self._check_unreadable(self.features, "computing its encoder features")
         for dataset in self._datasets.values():
-            dataset.load_image = CachedFeatures(self.features)
+            dataset.load_image = FromCache(self.features)
 
     def _unique_images(self) -> list[CaptionedImage]:
         unique = {image.image_id: image for split in SPLITS for image in self._images[split]}  # val may be test
         return list(unique.values())
 
-    def _image_loader(self) -> DecodedPixels | CachedPixels:
+    def _image_loader(self) -> DecodedPixels | FromCache:
         if not self.image_cache:
             return DecodedPixels(self.image_size)
         images = self._unique_images()
         write_image_cache(images, self.image_cache_dir, self.image_size, progress=True, workers=self.num_workers)
-        return CachedPixels(ImageCache.open(self.image_cache_dir, self.image_size, images))
+        cache = ImageCache.open(self.image_cache_dir, self.image_size, images)
+        self._check_unreadable(cache, "caching it")
+        return FromCache(cache)
+
+    def _check_unreadable(self, cache: ShardedCache, doing: str) -> None:
+        """Images whose header was sound but whose data failed when a cache read them: stop now
+        (``on_bad_image=error``) rather than mid-epoch, or count them (``skip``: the datasets skip them)."""
+        wanted = {image.image_id for image in self._unique_images()}
+        bad = [entry.error() for image_id, entry in sorted(cache.bad.items()) if image_id in wanted]
+        if not bad:
+            return
+        if self.on_bad_image == "error":
+            listed = "; ".join(str(error) for error in bad[:MAX_LISTED])
+            more = " ..." if len(bad) > MAX_LISTED else ""
+            raise ValueError(f"{len(bad)} images failed when {doing}: {listed}{more}. Fix or remove them, or set "
+                             "data.on_bad_image=skip to train on the rest")
+        log.warning("%d images failed when %s and will be skipped, e.g. %s", len(bad), doing, bad[0])
 
     def _load(self, split: str) -> list[CaptionedImage]:
         paths = self.splits[split]

@@ -17,17 +17,17 @@ Layout of ``directory``::
         shard-00000.npy ...      (rows, 1 + k*k, encoder_dim); a bad image's row stays zero and is not indexed
         index.json               {image_id: [shard, row]}
         bad_images.json          [{image_id, path, reason, detail}]
-    .{backbone}-{s}px-{hash}.partial/   staging: renamed into place when complete, so a half-written
-                                        cache is never opened; an interrupted one is discarded
+    .{backbone}-{s}px-{hash}.partial-*/ staging, one per writer: renamed into place when complete, so a
+                                        half-written cache is never opened; an interrupted one is discarded
     .{backbone}-{s}px-{hash}.lock       held while writing, so concurrent writers (DDP ranks) wait, then reuse
 """
 
-import json
 import logging
 import os
 import platform
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +39,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning.data.datasets import CaptionedImage
 from captioning.data.files import (
+    BAD_NAME,
+    INDEX_NAME,
     MANIFEST_NAME,
+    ShardedCache,
     complete_manifest,
     image_entries,
     key_digest,
@@ -49,14 +52,13 @@ from captioning.data.files import (
     sha256_file,
     write_json,
 )
-from captioning.data.image_cache import BadImage, progress_bar, transform_parameters
-from captioning.data.images import BadImageError
+from captioning.data.image_cache import progress_bar, transform_parameters
+from captioning.data.images import BadImage, BadImageError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-INDEX_NAME, BAD_NAME = "index.json", "bad_images.json"
 
 
 class FeatureEncoder(Protocol):
@@ -73,53 +75,17 @@ class FeatureEncoder(Protocol):
         """JSON-able facts that fix its outputs, weights hash included."""
 
 
-class FeatureCache:
-    """A complete feature cache, read through memory maps (shards open on first use, and after pickling)."""
-
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
-        self.directory = folder
-        self.manifest = manifest
-        index = json.loads((folder / INDEX_NAME).read_text())
-        self._index = {int(k): (shard, row) for k, (shard, row) in index.items()}
-        self.bad = {entry["image_id"]: BadImage(**entry) for entry in json.loads((folder / BAD_NAME).read_text())}
-        self._shards: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self._index
+class FeatureCache(ShardedCache):
+    """A complete feature cache, read through memory maps."""
 
     @property
     def identity(self) -> dict[str, Any]:
         """The identity of the encoder that computed these features."""
         return self.manifest["encoder"]
 
-    def _shard(self, number: int) -> np.ndarray:
-        shard = self._shards.get(number)
-        if shard is None:
-            shard = self._shards[number] = np.load(self.directory / f"shard-{number:05d}.npy", mmap_mode="r")
-        return shard
-
     def tensor(self, image_id: int) -> torch.Tensor:
         """(1 + k*k, encoder_dim) in the stored dtype; ``BadImageError`` for an image that could not be read."""
-        location = self._index.get(image_id)
-        if location is None:
-            if image_id in self.bad:
-                raise self.bad[image_id].error()
-            raise KeyError(f"image id {image_id} is not in the feature cache {self.directory}")
-        shard, row = location
-        return torch.from_numpy(np.array(self._shard(shard)[row]))  # copy: torch wants writable memory
-
-    def verify(self) -> list[str]:
-        """Rehash every file against the manifest; returns the problems (none: intact)."""
-        return [f"{self.directory / name}: {'missing' if not (self.directory / name).is_file() else 'changed'}"
-                for name, record in self.manifest["files"].items()
-                if not (self.directory / name).is_file() or sha256_file(self.directory / name) != record["sha256"]]
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a pickled memmap is a full in-memory copy: DataLoader workers reopen the maps instead
-        return {**self.__dict__, "_shards": {}}
+        return torch.from_numpy(np.array(self.row(image_id)))  # copy: torch wants writable memory
 
 
 def write_feature_cache(encoder: FeatureEncoder, images: Sequence[CaptionedImage],
@@ -177,6 +143,7 @@ class _Pixels(Dataset[tuple[int, torch.Tensor | None, tuple[str, str] | None]]):
 
 
 def _collate_pixels(items: list[tuple[int, torch.Tensor | None, tuple[str, str] | None]]) -> list[Any]:
+    """Keep the items as they are: the writer stacks the readable ones and records the others."""
     return items
 
 
@@ -187,11 +154,11 @@ def _write(encoder: FeatureEncoder, images: list[CaptionedImage], load_pixels: C
     if target.exists() and not (target / MANIFEST_NAME).exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} holds files but no {MANIFEST_NAME}, so it was not written by "
                               "write_feature_cache; move it away (it is never deleted automatically)")
-    staging = target.parent / f".{target.name}.partial"
-    if staging.exists():
-        log.warning("discarding %s, left by an interrupted write", staging)
-        shutil.rmtree(staging)
-    staging.mkdir()
+    for leftover in target.parent.glob(f".{target.name}.partial-*"):  # the lock is held: no writer owns them
+        log.warning("discarding %s, left by an interrupted write", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    # a folder of its own: should the lock not hold (some network file systems), writers never share one
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     dtype = DTYPES[parameters["dtype"]]
     loader = DataLoader(_Pixels(images, load_pixels), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate_pixels)
@@ -231,6 +198,10 @@ def _write(encoder: FeatureEncoder, images: list[CaptionedImage], load_pixels: C
                                   "machine": platform.machine()},
                 "files": files}
     write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means complete
+    finished = complete_manifest(target, FORMAT_VERSION, digest)
+    if finished is not None:  # another writer got there first: keep its cache, drop this copy
+        shutil.rmtree(staging)
+        return finished
     replace_directory(staging, target)
     log.info("wrote feature cache %s: %d images, %d bad, %.2f GB", target, len(index), len(bad),
              sum(record["bytes"] for record in files.values()) / 1e9)

@@ -3,7 +3,7 @@ and the manifests and keys of the caches.
 
 The shapes generator, the resized-image cache and the feature cache all write a folder in a
 staging place, add a manifest last and rename the folder into place, so a reader never sees a
-half-written one.
+half-written one; both caches are then read the same way (``ShardedCache``).
 """
 
 import fcntl
@@ -19,11 +19,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from captioning.data.datasets import CaptionedImage
+from captioning.data.images import BadImage
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME, INDEX_NAME, BAD_NAME = "manifest.json", "index.json", "bad_images.json"
 _HASH_CHUNK = 1 << 22
 
 
@@ -128,3 +132,61 @@ def mention_other_caches(target: Path, kind: str) -> None:
     if others:
         sizes = ", ".join(f"{p.name} ({sum(f.stat().st_size for f in p.iterdir()) / 1e9:.2f} GB)" for p in others)
         log.info("other %s in %s (older keys; delete them when nothing reads them): %s", kind, target.parent, sizes)
+
+
+class ShardedCache:
+    """A complete cache folder, one row per image in ``shard-N.npy`` files read through memory maps.
+
+    ``index.json`` maps each cached image id to ``[shard, row]``; ``bad_images.json`` lists the
+    images that could not be read, whose lookups raise their ``BadImageError``. Shards open on
+    first use, and again after pickling (DataLoader workers).
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.directory = folder
+        self.manifest = manifest
+        index = json.loads((folder / INDEX_NAME).read_text())
+        self._index = {int(k): (shard, row) for k, (shard, row) in index.items()}
+        self.bad = {entry["image_id"]: BadImage(**entry) for entry in json.loads((folder / BAD_NAME).read_text())}
+        self._shards: dict[int, np.ndarray] = {}
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return sorted(self._index)
+
+    def row(self, image_id: int) -> np.ndarray:
+        """The image's row, a read-only view of the memory map; ``BadImageError`` for a bad image."""
+        location = self._index.get(image_id)
+        if location is None:
+            if image_id in self.bad:
+                raise self.bad[image_id].error()
+            raise KeyError(f"image id {image_id} is not in the cache {self.directory}")
+        shard, row = location
+        if shard not in self._shards:
+            self._shards[shard] = np.load(self.directory / f"shard-{shard:05d}.npy", mmap_mode="r")
+        return self._shards[shard][row]
+
+    def tensor(self, image_id: int) -> torch.Tensor:
+        """What training reads for the image (pixels or features); each cache says how."""
+        raise NotImplementedError
+
+    def verify(self) -> list[str]:
+        """Rehash every file against the manifest; returns the problems (none: intact)."""
+        problems = []
+        for name, record in self.manifest["files"].items():
+            path = self.directory / name
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != record["sha256"]:
+                problems.append(f"{path}: contents changed since the cache was written")
+        return problems
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a pickled memmap is a full in-memory copy: DataLoader workers reopen the maps instead
+        return {**self.__dict__, "_shards": {}}

@@ -45,7 +45,10 @@ from torchvision.transforms import Resize
 
 from captioning.data.datasets import CaptionedImage
 from captioning.data.files import (
+    BAD_NAME,
+    INDEX_NAME,
     MANIFEST_NAME,
+    ShardedCache,
     complete_manifest,
     image_entries,
     key_digest,
@@ -56,7 +59,7 @@ from captioning.data.files import (
     sha256_file,
     write_json,
 )
-from captioning.data.images import BadImageError, open_rgb
+from captioning.data.images import BadImage, BadImageError, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ FORMAT_VERSION = 1
 # Resize on a PIL image calls Image.resize with bilinear filtering, always antialiased), and a new
 # version may round differently, which would break bit-identity with the live transform.
 RESIZE_METHOD = "torchvision.transforms.Resize((s, s), antialias=True) on the PIL image (bilinear)"
-INDEX_NAME, BAD_NAME, CONVERSIONS_NAME, IMAGES_NAME = "index.json", "bad_images.json", "conversions.json", "images.json"
+CONVERSIONS_NAME, IMAGES_NAME = "conversions.json", "images.json"
 _STAGING_NAME = "staging.json"
 
 T = TypeVar("T")
@@ -74,19 +77,6 @@ R = TypeVar("R")
 
 class MissingImageCacheError(FileNotFoundError):
     """No complete cache for these images and this size; the message names the folder and what is there."""
-
-
-@dataclass(frozen=True)
-class BadImage:
-    """An image that could not be cached, and why (``reason`` is one of ``BadImageError.REASONS``)."""
-
-    image_id: int
-    path: str
-    reason: str
-    detail: str
-
-    def error(self) -> BadImageError:
-        return BadImageError(Path(self.path), self.reason, self.detail)
 
 
 @dataclass(frozen=True)
@@ -202,7 +192,7 @@ def write_image_cache(images: Sequence[CaptionedImage], directory: str | os.Path
     if manifest is None:
         directory.mkdir(parents=True, exist_ok=True)
         with locked(directory / f".{target.name}.lock"):
-            manifest = complete_manifest(target, FORMAT_VERSION, digest)  # another process may have finished it meanwhile
+            manifest = complete_manifest(target, FORMAT_VERSION, digest)  # another process may have finished it
             if manifest is None:
                 return _write(images, entries, parameters, digest, target, shard_size, progress, workers)
     log.info("image cache %s is complete for these %d images: nothing to do", target, len(images))
@@ -336,17 +326,12 @@ def _report(folder: Path, manifest: dict[str, Any], written: bool, reused_shards
 # ---------------------------------------------------------------- reading
 
 
-class ImageCache:
-    """A complete cache, read through memory maps (shards open on first use, and again after pickling)."""
+class ImageCache(ShardedCache):
+    """A complete resized-image cache, read through memory maps."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
-        self.directory = folder
-        self.manifest = manifest
+        super().__init__(folder, manifest)
         self.image_size: int = manifest["image_size"]
-        index = json.loads((folder / INDEX_NAME).read_text())
-        self._index = {int(k): (shard, row) for k, (shard, row) in index.items()}
-        self.bad = {entry.image_id: entry for entry in _report(folder, manifest, False).bad}
-        self._shards: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, directory: str | os.PathLike, image_size: int, images: Sequence[CaptionedImage]) -> "ImageCache":
@@ -365,7 +350,9 @@ class ImageCache:
             return cls(exact, manifest)
         found = []
         for folder in sorted(directory.iterdir()) if directory.is_dir() else ():
-            candidate = complete_manifest(folder, FORMAT_VERSION) if folder.is_dir() and not folder.name.startswith(".") else None
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            candidate = complete_manifest(folder, FORMAT_VERSION)
             if candidate is None:
                 continue
             found.append(f"{folder.name} ({candidate['counts']['images']} images at {candidate['image_size']}px)")
@@ -383,48 +370,11 @@ class ImageCache:
             + "write it with write_image_cache(...) or "
               "`python -m captioning.data.prepare ... --output DIR --image-cache`")
 
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def image_ids(self) -> list[int]:
-        return sorted(self._index)
-
-    def _shard(self, number: int) -> np.ndarray:
-        shard = self._shards.get(number)
-        if shard is None:
-            shard = self._shards[number] = np.load(self.directory / f"shard-{number:05d}.npy", mmap_mode="r")
-        return shard
-
     def pixels(self, image_id: int) -> np.ndarray:
         """uint8 (s, s, 3), a read-only view of the memory map; ``BadImageError`` for a bad image."""
-        location = self._index.get(image_id)
-        if location is None:
-            if image_id in self.bad:
-                raise self.bad[image_id].error()
-            raise KeyError(f"image id {image_id} is not in the image cache {self.directory}")
-        shard, row = location
-        return self._shard(shard)[row]
+        return self.row(image_id)
 
     def tensor(self, image_id: int) -> torch.Tensor:
         """float (3, s, s) in [0, 1], computed with ``ToTensor``'s own steps (hence bit-identical)."""
         pixels = torch.from_numpy(np.array(self.pixels(image_id)))  # copy: torch wants writable memory
         return pixels.permute(2, 0, 1).contiguous().to(dtype=torch.get_default_dtype()).div(255)
-
-    def verify(self) -> list[str]:
-        """Rehash every file against the manifest; returns the problems (none: intact)."""
-        problems = []
-        for name, record in self.manifest["files"].items():
-            path = self.directory / name
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif sha256_file(path) != record["sha256"]:
-                problems.append(f"{path}: contents changed since the cache was written")
-        return problems
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a pickled memmap is a full in-memory copy: DataLoader workers reopen the maps instead
-        return {**self.__dict__, "_shards": {}}

@@ -29,6 +29,19 @@ class BadImageError(ValueError):
 
 
 @dataclass(frozen=True)
+class BadImage:
+    """An image that could not be cached, and why (``reason`` is one of ``BadImageError.REASONS``)."""
+
+    image_id: int
+    path: str
+    reason: str
+    detail: str
+
+    def error(self) -> BadImageError:
+        return BadImageError(Path(self.path), self.reason, self.detail)
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     """What opening a file found: its size, and the conversion to RGB it needed (None: already RGB)."""
 

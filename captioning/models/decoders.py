@@ -33,8 +33,8 @@ CONDITIONS = ("input", "state", "every_step")
 class DecoderOutput(NamedTuple):
     """Teacher-forced outputs; rows and steps follow the input captions.
 
-    Logits at padded positions predict nothing and must be masked by the loss; attention weights
-    there are zeros, so sums over steps are sums over words.
+    Logits at padded positions are zeros (never computed) and must be masked by the loss;
+    attention weights there are zeros too, so sums over steps are sums over words.
     """
 
     logits: torch.Tensor  # (batch, max_len - 1, vocab_size), predicting tokens[:, 1:]
@@ -144,7 +144,10 @@ class ShowTellDecoder(nn.Module):
         hidden, _ = pad_packed_sequence(output, batch_first=True, total_length=inputs.shape[1])
         if self.condition == "input":
             hidden = hidden[:, 1:]  # the step that read the image predicts nothing
-        return DecoderOutput(self.output(self.dropout(hidden)), None)  # (batch, max_len - 1, vocab_size)
+        real = torch.arange(hidden.shape[1], device=lengths.device) < (lengths - 1).unsqueeze(1)  # (batch, steps)
+        logits = hidden.new_zeros(*hidden.shape[:2], self.embedding.num_embeddings)
+        logits[real] = self.output(self.dropout(hidden[real]))  # (words, vocab_size): none for padding
+        return DecoderOutput(logits, None)  # (batch, max_len - 1, vocab_size)
 
     def _inputs(self, tokens: torch.Tensor, features: EncodedImages) -> torch.Tensor:
         """Word embeddings (batch, steps, embed_dim), with the image beside each one for "every_step"."""

@@ -173,6 +173,13 @@ def test_unreadable_images_are_recorded_and_raise_when_read(tiny_shapes: Path, t
     assert torch.equal(reopened.tensor(images[0].image_id), cache.tensor(images[0].image_id))
 
 
+def test_a_loader_of_another_size_than_the_key_is_refused(tiny_shapes: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keyed for 64 px"):
+        write_feature_cache(CNNEncoder(**ENCODER), _train_images(tiny_shapes)[:2], DecodedPixels(32), tmp_path,
+                            IMAGE_SIZE, progress=False)
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # no cache under the wrong key
+
+
 def test_a_trainable_encoder_cannot_be_cached(tiny_shapes: Path, tmp_path: Path) -> None:
     encoder = CNNEncoder(**{**ENCODER, "trainable_stages": 1})
     with pytest.raises(ValueError, match="trainable_stages=0"):

@@ -173,7 +173,11 @@ def _write(encoder: FeatureEncoder, images: list[CaptionedImage], load_pixels: C
             bad += [asdict(BadImage(images[p].image_id, str(images[p].path), *failure))
                     for p, _, failure in items if failure is not None]
             if good:
-                rows = encoder.feature_rows(torch.stack([pixels for _, pixels in good]))  # (batch, 1 + k*k, dim)
+                pixels = torch.stack([pixels for _, pixels in good])  # (batch, 3, s, s)
+                if tuple(pixels.shape[1:]) != (3, parameters["image_size"], parameters["image_size"]):
+                    raise ValueError(f"load_pixels gives {tuple(pixels.shape[1:])} tensors, but the cache is keyed "
+                                     f"for {parameters['image_size']} px images: pass the loader's own size")
+                rows = encoder.feature_rows(pixels)  # (batch, 1 + k*k, dim)
                 device = str(rows.device)
                 rows = rows.to(dtype=dtype, device="cpu").numpy()
                 if not shards:

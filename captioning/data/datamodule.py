@@ -113,6 +113,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.feature_cache_dir = Path(feature_cache_dir) if feature_cache_dir else self.root / "cache" / "features"
         self.feature_cache_dtype = feature_cache_dtype
         self.features: FeatureCache | None = None
+        self._pixels: DecodedPixels | FromCache | None = None  # set by setup()
         self.shapes_config = ShapesConfig(**generate_shapes) if generate_shapes is not None else None
         self.pin_memory = pin_memory
         self.vocab: Vocabulary | None = None
@@ -132,7 +133,7 @@ class CaptionDataModule(pl.LightningDataModule):
         train_tokens = [tokenize(c) for image in self._images["train"] for c in image.captions]
         self.vocab = Vocabulary.build(train_tokens, self.min_word_count)
         self._log_statistics(train_tokens)
-        load_image = self._image_loader()
+        load_image = self._pixels = self._image_loader()
         for split in SPLITS:
             sampling = self.train_captions_per_image if split == "train" else "all"
             self._datasets[split] = CaptionDataset(self._images[split], self._encode, load_image, sampling,
@@ -146,7 +147,7 @@ class CaptionDataModule(pl.LightningDataModule):
         """
         if not self._datasets:
             raise RuntimeError("call setup() before use_encoder_features()")
-        self.features = write_feature_cache(encoder, self._unique_images(), self._image_loader(),
+        self.features = write_feature_cache(encoder, self._unique_images(), self._pixels,
                                             self.feature_cache_dir, self.image_size, self.feature_cache_dtype,
                                             batch_size=max(self.batch_size, 64), num_workers=self.num_workers)
         self._check_unreadable(self.features, "computing its encoder features")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,9 +39,15 @@ os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns ``optimized_metric`` (default test/CIDEr) for hyperparameter sweepers."""
-    metrics = run(cfg)
-    return metrics.get(cfg.get("optimized_metric") or "test/CIDEr")
+    """Returns ``optimized_metric`` (a validation metric, e.g. val/best_CIDEr) for hyperparameter sweepers."""
+    from captioning.config import ConfigError
+
+    try:
+        metrics = run(cfg)
+    except ConfigError as error:  # a setting no component accepts: its name and the valid ones, no traceback
+        Console(stderr=True).print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+    return metrics.get(cfg.optimized_metric)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -49,10 +56,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     if not cfg.train and not cfg.ckpt_path:
         raise ValueError("train=false needs ckpt_path=<checkpoint to evaluate>")
+    if cfg.get("init_from") and cfg.ckpt_path:
+        raise ValueError("init_from starts a new run from a checkpoint's weights and ckpt_path resumes one exactly: "
+                         "give one of them")
     check_config(cfg)
     import pytorch_lightning as pl
-
-    from captioning.evaluation.coco import CocoCaptionEvaluator
 
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -62,6 +70,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.setup()
     model = instantiate(cfg.model, vocab=datamodule.vocab.tokens, image_size=datamodule.image_size)
+    if cfg.get("init_from"):
+        model.init_from(cfg.init_from)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -70,26 +80,47 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run_config = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(run_config, resolve=True))
+    if trainer.is_global_zero:
+        _write_json(output_dir / "data_splits.json", datamodule.split_image_ids())
 
+    metrics: dict[str, float] = {}
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        metrics |= _best_validation(trainer)
     if not cfg.test:
+        if trainer.is_global_zero:
+            _write_json(output_dir / "metrics.json", metrics)
         return metrics
 
-    best = trainer.checkpoint_callback.best_model_score if cfg.train and trainer.checkpoint_callback else None
     trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer))
-    # the evaluator's float64 numbers, not the float32 copies Lightning logs
-    metrics = {"test/loss": float(trainer.callback_metrics["test/loss"]), **model.test_metrics}
-    if best is not None:
-        metrics["val/best_CIDEr"] = float(best)
+    metrics = {**_best_validation(trainer), **model.test_metrics}  # the evaluator's float64 numbers
     if trainer.is_global_zero:
-        with CocoCaptionEvaluator(datamodule.references("test")) as evaluator:
-            metrics |= {f"human_loo/{name}": value for name, value in evaluator.human_agreement().items()}
-        _write_outputs(output_dir, metrics, model.test_captions)
+        metrics |= _leave_one_out(datamodule.references("test"), model.test_captions)
+        _write_json(output_dir / "metrics.json", metrics)
+        results = [{"image_id": i, "caption": caption} for i, caption in sorted(model.test_captions.items())]
+        _write_json(output_dir / "test_captions.json", results)
         _print_table(metrics)
         log.info("outputs in %s", output_dir)
     return metrics
+
+
+def _best_validation(trainer: pl.Trainer) -> dict[str, float]:
+    """``val/best_<metric>``: the best value of the metric that chose the best checkpoint (what sweeps optimise)."""
+    callback = trainer.checkpoint_callback
+    if callback is None or callback.best_model_score is None or not callback.monitor:
+        return {}
+    return {f"val/best_{callback.monitor.removeprefix('val/')}": float(callback.best_model_score)}
+
+
+def _leave_one_out(references: dict[int, list[str]], captions: dict[int, str]) -> dict[str, float]:
+    """The model's captions and the human references scored the same way (``CocoCaptionEvaluator.leave_one_out``)."""
+    from captioning.evaluation.coco import CocoCaptionEvaluator
+
+    with CocoCaptionEvaluator(references) as evaluator:
+        result = evaluator.leave_one_out(captions)
+    return ({f"human_loo/{name}": value for name, value in result.human.items()}
+            | {f"model_loo/{name}": value for name, value in result.model.items()})
 
 
 def _use_feature_cache(model: CaptioningModule, datamodule: CaptionDataModule, trainer: pl.Trainer,
@@ -116,24 +147,24 @@ def _checkpoint_to_test(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
     return best
 
 
-def _write_outputs(output_dir: Path, metrics: dict[str, float], captions: dict[int, str]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    results = [{"image_id": image_id, "caption": caption} for image_id, caption in sorted(captions.items())]
-    (output_dir / "test_captions.json").write_text(json.dumps(results, indent=1))
+def _write_json(path: Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=1))
 
 
 def _print_table(metrics: dict[str, float]) -> None:
     from captioning.evaluation.coco import METRICS
 
-    table = Table(title="Test split")
+    table = Table(title="Test split", caption="leave-one-out: in each of 5 rounds one human reference is the "
+                  "candidate and both sides are scored against the image's other references")
     table.add_column("metric")
-    table.add_column("model", justify="right")
+    table.add_column("model (all references)", justify="right")
+    table.add_column("model (leave-one-out)", justify="right")
     table.add_column("human (leave-one-out)", justify="right")
     for name in (*METRICS, "SPICE"):
         if f"test/{name}" in metrics:
-            human = metrics.get(f"human_loo/{name}")
-            table.add_row(name, f"{metrics[f'test/{name}']:.4f}", f"{human:.4f}" if human is not None else "-")
+            row = [metrics.get(f"{side}/{name}") for side in ("test", "model_loo", "human_loo")]
+            table.add_row(name, *(f"{value:.4f}" if value is not None else "-" for value in row))
     Console().print(table)
 
 
@@ -171,8 +202,6 @@ def explain_unknown_override(argv: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
-    import sys
-
     message = explain_unknown_override(sys.argv[1:])
     if message is not None:
         Console(stderr=True).print(f"[red]error:[/red] {message}")

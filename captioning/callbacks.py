@@ -43,3 +43,17 @@ class RandomStateCheckpoint(pl.Callback):
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
         version, state, gauss = states["python"]
         random.setstate((version, tuple(state), gauss))
+
+
+class ValidateAtMaxSteps(pl.Callback):
+    """Validates when ``trainer.max_steps`` ends a run in the middle of an epoch.
+
+    Lightning then simply stops, so the last steps of a step-limited recipe never compete for the
+    best checkpoint (and a short smoke run never validates at all). Asking the trainer to stop at
+    that step instead makes Lightning validate first, as it does for early stopping.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True

@@ -2,14 +2,16 @@
 
 Hydra refuses an override of a key the config lacks; a key *added* with ``+`` (or a typo in a
 config file) would otherwise only fail deep inside ``instantiate``, after data preparation. This
-checks every instantiated node against its target's signature before anything runs.
+checks every instantiated node against its target's signature, and builds the optimizer and the
+learning-rate scheduler on a dummy parameter, before anything runs.
 """
 
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hydra.utils import get_method
+import torch
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
 from captioning.models.captioner import DECODERS
@@ -57,3 +59,26 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
         accepted = _parameters(DECODERS[kind])
         _check(decoder, None if accepted is None else accepted - {"vocab_size", "encoder_dim"}, "model.decoder",
                DECODERS[kind].__name__)
+        _check_optimization(model)
+
+
+def _check_optimization(model: DictConfig) -> None:
+    """Build ``model.optimizer`` and ``model.scheduler`` on a dummy parameter: a wrong key or value
+    (an argument of another scheduler, a negative learning rate) fails here, not after data preparation."""
+    optimizer_node, scheduler_node = model.get("optimizer"), model.get("scheduler")
+    if not optimizer_node:
+        raise ConfigError("model.optimizer is not set: choose one with model/optimizer=adam (or adamw, sgd)")
+    for key, node in (("model.optimizer", optimizer_node), ("model.scheduler", scheduler_node)):
+        if node and "_target_" in node:
+            accepted = _parameters(get_method(node["_target_"]))
+            _check(node, None if accepted is None else accepted - {"params", "optimizer"}, key, node["_target_"])
+    try:
+        optimizer = instantiate(optimizer_node)(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.optimizer ({optimizer_node.get('_target_')}) cannot be built: {error}") from None
+    if not scheduler_node:
+        return
+    try:
+        instantiate(scheduler_node)(optimizer=optimizer)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.scheduler ({scheduler_node.get('_target_')}) cannot be built: {error}") from None

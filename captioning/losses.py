@@ -14,6 +14,21 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: in
     return F.cross_entropy(logits[real].float(), targets[real], label_smoothing=label_smoothing)  # (words, vocab)
 
 
+def caption_negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each caption's summed negative log-likelihood (float64) and its number of real words.
+
+    Sums, not means, so that a corpus loss (sum over captions / words over captions) is the same for
+    any batching and any number of processes. logits (num_captions, steps, vocab_size), targets
+    (num_captions, steps) -> two (num_captions,) tensors.
+    """
+    real = targets != pad_id  # (num_captions, steps)
+    word_nll = F.cross_entropy(logits[real].float(), targets[real], reduction="none")  # (words,)
+    caption_of_word = real.nonzero()[:, 0]  # (words,)
+    nll = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
+    return nll.index_add_(0, caption_of_word, word_nll.double()), real.sum(dim=1)
+
+
 def doubly_stochastic_penalty(attention: torch.Tensor) -> torch.Tensor:
     """Show, Attend and Tell's eq. 14: push every grid cell's attention, summed over a caption's
     words, towards 1, so that the caption looks at the whole image.

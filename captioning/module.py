@@ -1,6 +1,7 @@
 """CaptioningModule: the LightningModule that trains an ``EncoderDecoder`` and scores its captions."""
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,7 +17,7 @@ from captioning.data.vocab import Vocabulary
 from captioning.decoding import beam_search, greedy_decode
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_predictions
-from captioning.losses import doubly_stochastic_penalty, masked_cross_entropy
+from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
 from captioning.models.captioner import build_captioner
 from captioning.models.decoders import DecoderOutput
 from captioning.models.encoders import EncodedImages
@@ -38,6 +39,11 @@ class CaptioningModule(pl.LightningModule):
     decodes greedily during validation/test, more uses batched beam search. ``image_size`` records
     the input size the model was trained at, for captioning new images from the checkpoint alone.
     ``logged_samples`` validation images go to TensorBoard each epoch with their captions.
+    ``allow_unk`` lets decoding generate ``<unk>`` (never, by default); ``block_trigrams`` stops beam
+    search from repeating a word trigram within a caption.
+    ``val/loss`` and ``test/loss`` are corpus-level: the summed negative log-likelihood of every real
+    word of every reference caption over the number of those words, for any batching and any number
+    of processes (each image counted once).
     """
 
     def __init__(
@@ -55,6 +61,8 @@ class CaptioningModule(pl.LightningModule):
         max_decode_length: int = 20,
         beam_size: int = 1,
         length_penalty: float = 0.0,
+        allow_unk: bool = False,
+        block_trigrams: bool = False,
         image_size: int | None = None,
         logged_samples: int = 4,
     ) -> None:
@@ -64,8 +72,9 @@ class CaptioningModule(pl.LightningModule):
         self.captioner = build_captioner(len(self.vocab), encoder, decoder)
         self.sampling_schedule = SamplingSchedule(**scheduled_sampling) if scheduled_sampling else None
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.scheduler_factory = scheduler or None  # model/scheduler=none composes to an empty node
         self._predictions: dict[int, list[int]] = {}
+        self._losses: dict[int, tuple[float, int]] = {}  # image id -> (summed NLL, words) of its references
         self._samples: list[tuple[int, torch.Tensor]] = []
         self._evaluators: dict[str, CocoCaptionEvaluator] = {}
         self.test_captions: dict[int, str] = {}
@@ -109,22 +118,34 @@ class CaptioningModule(pl.LightningModule):
             return
         features = self.encode_batch(batch)
         if batch.tokens.numel():
-            output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
-            self.log(f"{stage}/loss", self._loss(output, batch), batch_size=batch.tokens.shape[0], sync_dist=True)
+            self._record_losses(batch, features)
         vocab, hparams = self.vocab, self.hparams
+        unk_id = None if hparams.allow_unk else vocab.unk_id
         if hparams.beam_size > 1:
             decoded = beam_search(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
                                   hparams.max_decode_length, hparams.beam_size, vocab.pad_id,
-                                  length_penalty=hparams.length_penalty)
+                                  length_penalty=hparams.length_penalty, unk_id=unk_id,
+                                  block_trigrams=hparams.block_trigrams)
         else:
             decoded = greedy_decode(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
-                                    hparams.max_decode_length, vocab.pad_id)
+                                    hparams.max_decode_length, vocab.pad_id, unk_id=unk_id)
         for image_id, tokens in zip(batch.image_ids.tolist(), decoded.tokens.tolist()):
             self._predictions[image_id] = tokens
         if stage == "val" and batch_idx == 0:
             keep = self.hparams.logged_samples
             images = batch.images[:keep].cpu() if batch.images is not None else [None] * keep  # features: text only
             self._samples = list(zip(batch.image_ids[:keep].tolist(), images))
+
+    def _record_losses(self, batch: CaptionBatch, features: EncodedImages) -> None:
+        """Each image's summed reference NLL and word count, kept by image id (a DDP sampler's
+        padding repeats images; the id counts them once)."""
+        output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
+        nll, words = caption_negative_log_likelihood(output.logits, batch.tokens[:, 1:], self.vocab.pad_id)
+        rows = batch.image_ids.shape[0]
+        image_nll = nll.new_zeros(rows).index_add_(0, batch.caption_image_index, nll)  # (images,)
+        image_words = words.new_zeros(rows).index_add_(0, batch.caption_image_index, words)  # (images,)
+        for image_id, total, count in zip(batch.image_ids.tolist(), image_nll.tolist(), image_words.tolist()):
+            self._losses[image_id] = (total, count)
 
     def on_validation_epoch_end(self) -> None:
         self._score_predictions("val")
@@ -134,13 +155,16 @@ class CaptioningModule(pl.LightningModule):
 
     def _score_predictions(self, stage: str) -> None:
         """Gather every rank's captions, score once on rank 0, log the same numbers on all ranks."""
-        predictions = gather_predictions(self._predictions)
-        self._predictions = {}
+        predictions, losses = gather_predictions(self._predictions), gather_predictions(self._losses)
+        self._predictions, self._losses = {}, {}
         if self.trainer.sanity_checking:
             return
         captions = {i: detokenize(self.vocab.decode(tokens)) for i, tokens in sorted(predictions.items())}
         metrics = self._evaluator(stage).score(captions).metrics if self.trainer.is_global_zero else None
         metrics = broadcast_from_rank_zero(metrics)  # float64, as the evaluator computed them
+        words = sum(count for _, count in losses.values())
+        if words:
+            metrics = {"loss": math.fsum(total for total, _ in losses.values()) / words, **metrics}
         self.log_dict({f"{stage}/{name}": value for name, value in metrics.items()}, sync_dist=False)
         if stage == "val" and self.trainer.is_global_zero:
             self._log_samples(captions)
@@ -220,8 +244,44 @@ class CaptioningModule(pl.LightningModule):
         self.captioner.encoder.load_state_dict(
             {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)})
 
+    def init_from(self, checkpoint_path: str | os.PathLike) -> None:
+        """Start from a checkpoint's model weights only (a new run: optimizer, scheduler and epoch start afresh).
+
+        The vocabulary and every tensor's name and shape must match; the first mismatch stops with
+        a message naming it.
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        saved_vocab = list(checkpoint.get("hyper_parameters", {}).get("vocab") or [])
+        if saved_vocab != self.vocab.tokens:
+            raise ValueError(f"init_from={checkpoint_path}: {_first_vocab_difference(saved_vocab, self.vocab.tokens)}; "
+                             "use the data config and data.min_word_count the checkpoint was trained with")
+        saved, own = checkpoint["state_dict"], self.state_dict()
+        for name, tensor in own.items():
+            if name not in saved:
+                raise ValueError(f"init_from={checkpoint_path}: the checkpoint has no tensor {name} "
+                                 "(another encoder or decoder architecture)")
+            if saved[name].shape != tensor.shape:
+                raise ValueError(f"init_from={checkpoint_path}: tensor {name} is {tuple(saved[name].shape)} in the "
+                                 f"checkpoint but {tuple(tensor.shape)} in this model")
+        extra = sorted(set(saved) - set(own))
+        if extra:
+            raise ValueError(f"init_from={checkpoint_path}: the checkpoint's tensor {extra[0]} has no place in this "
+                             "model (another encoder or decoder architecture)")
+        self.load_state_dict(saved)
+        log.info("initialised the model from %s (weights only)", checkpoint_path)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")
         if saved is not None and list(saved) != self.vocab.tokens:
-            raise ValueError("the checkpoint's vocabulary differs from this run's data: evaluate it on the data "
-                             "it was trained with (same data config and min_word_count)")
+            raise ValueError(f"{_first_vocab_difference(list(saved), self.vocab.tokens)}: evaluate the checkpoint "
+                             "on the data it was trained with (same data config and min_word_count)")
+
+
+def _first_vocab_difference(saved: list[str], own: list[str]) -> str:
+    """Where two vocabularies part, in words."""
+    if not saved:
+        return "the checkpoint holds no vocabulary"
+    for index, (theirs, ours) in enumerate(zip(saved, own)):
+        if theirs != ours:
+            return f"its vocabulary differs from this run's at id {index} ({theirs!r} there, {ours!r} here)"
+    return f"its vocabulary has {len(saved)} words, this run's {len(own)}"

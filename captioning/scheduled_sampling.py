@@ -15,9 +15,10 @@ from captioning.models.encoders import EncodedImages
 
 @dataclass(frozen=True)
 class SamplingSchedule:
-    """Probability of feeding a sampled word: 0 before ``start_epoch``, then up by ``increase_by``
-    every ``increase_every`` epochs, capped at ``max_probability`` (ruotianluo/ImageCaptioning.pytorch's
-    ``scheduled_sampling_*`` options)."""
+    """Probability of feeding a sampled word in epoch ``e`` (counted from 0), as
+    ruotianluo/ImageCaptioning.pytorch's ``scheduled_sampling_*`` options set it (tools/train.py):
+    0 up to ``start_epoch``, then ``increase_by * ((e - start_epoch) // increase_every)``, capped at
+    ``max_probability``; with the defaults, epochs 0-4 give 0, 5-9 give 0.05, 20 and later 0.25."""
 
     start_epoch: int = 0
     increase_every: int = 5
@@ -25,10 +26,10 @@ class SamplingSchedule:
     max_probability: float = 0.25
 
     def probability(self, epoch: int) -> float:
-        if epoch < self.start_epoch:
+        if epoch <= self.start_epoch:
             return 0.0
-        steps = (epoch - self.start_epoch) // self.increase_every + 1
-        return min(self.max_probability, steps * self.increase_by)
+        increases = (epoch - self.start_epoch) // self.increase_every
+        return min(self.max_probability, increases * self.increase_by)
 
 
 def scheduled_sampling_forward(decoder: nn.Module, features: EncodedImages, tokens: torch.Tensor,

@@ -1,5 +1,6 @@
 """Config groups, presets and fail-fast validation."""
 
+import json
 import subprocess
 import sys
 import time
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from captioning.config import ConfigError, check_config
 from tests.conftest import PROJECT_ROOT
@@ -53,6 +56,63 @@ def test_a_mistyped_override_fails_at_once_naming_the_key() -> None:
         check_config(_compose(["+model.decoder.hiden_size=3"]))
     with pytest.raises(ConfigError, match="data.batchsize is not a setting of .*CaptionDataModule"):
         check_config(_compose(["+data.batchsize=3"]))
+
+
+def test_the_optimizer_and_the_scheduler_are_built_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match=r"model.scheduler.T_max is not a setting of "
+                                          r"torch.optim.lr_scheduler.ReduceLROnPlateau; valid settings: cooldown"):
+        check_config(_compose(["model/scheduler=plateau", "+model.scheduler.T_max=3"]))
+    with pytest.raises(ConfigError, match="model.optimizer .torch.optim.SGD. cannot be built: Invalid learning rate"):
+        check_config(_compose(["model/optimizer=sgd", "model.optimizer.lr=-1"]))
+    with pytest.raises(ConfigError, match="model.scheduler .*ReduceLROnPlateau. cannot be built: mode maximum"):
+        check_config(_compose(["model/scheduler=plateau", "model.scheduler.mode=maximum"]))
+    # a preset replaces the scheduler node as a whole: nothing of the default cosine is left over
+    for experiment in ("show_attend_tell_coco", "show_tell_coco"):
+        assert "T_max" not in _compose([f"experiment={experiment}"]).model.scheduler
+    check_config(_compose(["model/scheduler=none"]))
+    check_config(_compose(["model/optimizer=adamw", "model/scheduler=step"]))
+
+    completed = subprocess.run([sys.executable, "train.py", "model/scheduler=plateau", "+model.scheduler.T_max=3"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "model.scheduler.T_max is not a setting of" in " ".join(completed.stderr.split())
+
+
+def test_precision_belongs_to_the_hardware_preset_not_to_ddp() -> None:
+    assert _compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]).trainer.precision == "32-true"
+    assert _compose(["trainer=gpu"]).trainer.precision == "bf16-mixed"
+    assert _compose([]).trainer.precision == "32-true"
+
+
+COCO_PRESETS = [e for e in EXPERIMENTS if not e.startswith("shapes_")]
+
+
+def _preset_overrides(experiment: str, data_dir: Path) -> list[str]:
+    """The recipes issue's override set: any COCO preset on the mini Karpathy set, random CNN, CPU, 2 steps."""
+    annotations = [f"data.splits.{split}.annotations=dataset_coco_mini.json" for split in ("train", "val", "test")]
+    return [f"experiment={experiment}", f"paths.data_dir={data_dir}", *annotations, "trainer=cpu",
+            "model.encoder.weights=null", "++trainer.max_steps=2", "trainer.max_epochs=1", "data.batch_size=4",
+            "data.num_workers=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", COCO_PRESETS)
+def test_coco_presets_train_validate_and_test_on_the_mini_set(experiment: str, tmp_path: Path,
+                                                               shared_data: Path) -> None:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=_preset_overrides(experiment, shared_data / "coco-val2017-mini"),
+                      return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    metrics = train.run(cfg)
+    monitored = cfg.callbacks.model_checkpoint.monitor.removeprefix("val/")
+    assert f"val/best_{monitored}" in metrics  # validated after the second step
+    assert metrics["test/loss"] > 0 and {"test/CIDEr", "human_loo/CIDEr", "model_loo/CIDEr"} <= set(metrics)
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    splits = json.loads((tmp_path / "data_splits.json").read_text())
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [200, 25, 25]  # restval joins train
 
 
 @pytest.mark.slow

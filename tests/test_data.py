@@ -3,10 +3,14 @@ import json
 import shutil
 import struct
 import zlib
+import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -17,7 +21,7 @@ from captioning.data.datasets import (KARPATHY_SPLITS, AnnotationError, load_ann
 from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import SPECIAL_TOKENS, Vocabulary
-from tests.conftest import TINY_SHAPES
+from tests.conftest import PROJECT_ROOT, TINY_SHAPES
 
 SPLITS = {split: {"annotations": f"annotations/captions_{split}.json", "images": f"images/{split}"}
           for split in ("train", "val", "test")}
@@ -121,6 +125,96 @@ def test_random_caption_sampling_draws_one_caption_per_image(tiny_shapes: Path) 
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     assert batch.tokens.shape[0] == 6 and batch.caption_image_index.tolist() == list(range(6))
+
+
+def test_pair_sampling_visits_every_caption_once_per_epoch(tiny_shapes: Path) -> None:
+    datamodule = CaptionDataModule(tiny_shapes, SPLITS, image_size=32, batch_size=8, min_word_count=1,
+                                   train_captions_per_image="pairs")
+    datamodule.setup()
+    dataset = datamodule._datasets["train"]
+    expected = Counter((image.image_id, tuple(caption.tolist()))
+                       for image, captions in zip(dataset.images, dataset.encoded, strict=True) for caption in captions)
+    assert len(dataset) == sum(len(i.captions) for i in dataset.images) == TINY_SHAPES.num_train * 5
+    assert all(len(dataset[index].captions) == 1 for index in (0, 1, len(dataset) - 1))
+    batches = list(datamodule.train_dataloader())
+    seen = Counter((image_id, tuple(tokens[:length].tolist())) for batch in batches
+                   for image_id, tokens, length in zip(batch.image_ids[batch.caption_image_index].tolist(),
+                                                       batch.tokens, batch.lengths.tolist(), strict=True))
+    assert seen == expected  # every pair exactly once
+    for batch in batches[:-1]:  # 240 pairs: 30 full batches of 8 pairs, one caption per image row
+        assert batch.images.shape[0] == batch.tokens.shape[0] == 8
+        assert batch.caption_image_index.tolist() == list(range(8))
+    assert len(datamodule._datasets["val"]) == TINY_SHAPES.num_val  # evaluation stays one item per image
+    with pytest.raises(ValueError, match="train_captions_per_image must be one of"):
+        CaptionDataModule(tiny_shapes, SPLITS, train_captions_per_image="pair")
+
+
+def _coco(root: Path, name: str, num_images: int, first_id: int = 1) -> dict[str, str]:
+    """A COCO-format split under ``root``: 8x8 images, two captions each, one word unique to each image."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(first_id, first_id + num_images):
+        file_name = f"{image_id:06d}.png"
+        Image.new("RGB", (8, 8), (image_id % 255, 0, 0)).save(root / "images" / file_name)
+        images.append({"id": image_id, "file_name": file_name})
+        annotations += [{"id": 2 * image_id + k, "image_id": image_id, "caption": f"a photo of thing{image_id}"}
+                        for k in range(2)]
+    (root / f"{name}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return {"annotations": f"{name}.json", "images": "images"}
+
+
+def test_val_from_train_holds_out_a_seeded_stable_draw(tmp_path: Path) -> None:
+    splits = {"train": _coco(tmp_path, "train", 40), "test": _coco(tmp_path, "test", 6, first_id=100)}
+    train_ids = list(range(1, 41))
+
+    def split_ids(seed: int) -> dict[str, list[int]]:
+        datamodule = CaptionDataModule(tmp_path, splits, image_size=8, min_word_count=1, val_from_train=10,
+                                       split_seed=seed)
+        datamodule.setup()
+        ids = datamodule.split_image_ids()
+        assert {f"thing{i}" for i in ids["train"]} <= set(datamodule.vocab.tokens)
+        assert not {f"thing{i}" for i in ids["val"]} & set(datamodule.vocab.tokens)  # vocabulary: train left
+        assert sorted(datamodule.references("val")) == ids["val"]
+        return ids
+
+    random.seed(1)
+    ids = split_ids(0)
+    assert len(ids["val"]) == 10 and len(ids["train"]) == 30 and ids["test"] == list(range(100, 106))
+    assert not set(ids["val"]) & set(ids["train"]) and sorted(ids["val"] + ids["train"]) == train_ids
+    random.seed(2)
+    torch.manual_seed(2)
+    assert split_ids(0) == ids  # global RNG state (which differs between ranks) plays no part
+    assert split_ids(1)["val"] != ids["val"]
+
+
+def test_val_from_train_errors_name_the_setting(tmp_path: Path) -> None:
+    splits = {"train": _coco(tmp_path, "train", 12), "test": _coco(tmp_path, "test", 2, first_id=100)}
+    with pytest.raises(ValueError, match=r"data.val_from_train=12 needs at least 13 captioned train images.*has 12"):
+        CaptionDataModule(tmp_path, splits, val_from_train=12).setup()
+    with pytest.raises(ValueError, match=r"data.val_from_train=3 draws the val split from train, but "
+                                         r"data.splits.val is given too"):
+        CaptionDataModule(tmp_path, {**splits, "val": splits["test"]}, val_from_train=3)
+    with pytest.raises(ValueError, match=r"data.val_from_train must be a number of images >= 1"):
+        CaptionDataModule(tmp_path, splits, val_from_train=0)
+    with pytest.raises(ValueError, match=r"lacks \['val'\]"):
+        CaptionDataModule(tmp_path, splits)
+    with pytest.raises(RuntimeError, match="call setup"):
+        CaptionDataModule(tmp_path, splits, val_from_train=3).split_image_ids()
+
+
+def test_coco2017_config_validates_on_train_images_and_tests_on_val2017(shared_data: Path) -> None:
+    mini = shared_data / "coco-val2017-mini"
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=coco2017", f"paths.data_dir={mini}", "data.splits.train.annotations=annotations/captions_mini.json",
+            "data.splits.train.images=val2017", "data.splits.test.annotations=annotations/captions_mini.json",
+            "data.splits.test.images=val2017", "data.val_from_train=25", "data.image_size=32"])
+    assert "val" not in cfg.data.splits
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    ids = datamodule.split_image_ids()
+    assert [len(ids[s]) for s in ("train", "val", "test")] == [225, 25, 250]
+    assert not set(ids["val"]) & set(ids["train"])
 
 
 def test_missing_split_is_reported(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
-from captioning.evaluation import coco, meteor, tokenizer
+from captioning.evaluation import cli, coco, meteor, tokenizer
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator, spice_unavailable_reason
 from tests.conftest import PROJECT_ROOT
 
@@ -64,19 +64,32 @@ def test_scores_equal_cocoevalcap_on_generated_captions(tiny_shapes: Path, tmp_p
     assert ours.per_image[ids[0]]["Bleu_4"] == pytest.approx(1.0, abs=1e-6)  # its own reference
 
 
-def test_human_agreement_scores_each_reference_against_the_others() -> None:
-    references = {1: ["a red circle", "a red circle", "a red disc"],
-                  2: ["two blue squares", "a blue square", "one blue square"]}
-    with CocoCaptionEvaluator(references) as evaluator:
-        human = evaluator.human_agreement()
-    rounds = []
-    for j in range(3):
-        with CocoCaptionEvaluator({i: r[:j] + r[j + 1:] for i, r in references.items()}) as others:
-            rounds.append(others.score({i: r[j] for i, r in references.items()}).metrics)
+def test_leave_one_out_scores_human_and_model_against_the_same_references(
+        caplog: pytest.LogCaptureFixture) -> None:
+    references = {1: ["a red circle", "a red circle", "a red disc", "one red circle", "a round red shape"],
+                  2: ["two blue squares", "a blue square", "one blue square", "blue squares", "two squares",
+                      "a pair of blue squares", "squares in blue"],
+                  3: ["a green star", "a star", "green star", "one green star"],  # four: left out
+                  4: ["a yellow triangle"] * 5}  # no caption: takes no part (not even in CIDEr's idf)
+    captions = {1: "a red circle", 2: "a blue circle", 3: "a green star"}
+    with caplog.at_level(logging.INFO, logger=coco.__name__):
+        with CocoCaptionEvaluator(references) as evaluator:
+            loo = evaluator.leave_one_out(captions)
+    assert (loo.rounds, loo.images) == (5, 2) and "1 of 3 images have fewer than 5 references" in caplog.text
+    human_rounds, model_rounds = [], []
+    for r in range(5):
+        others = {i: references[i][:r] + references[i][r + 1:] for i in (1, 2)}  # image 2: all six others
+        with CocoCaptionEvaluator(others) as round_evaluator:
+            human_rounds.append(round_evaluator.score({i: references[i][r] for i in (1, 2)}).metrics)
+            model_rounds.append(round_evaluator.score({i: captions[i] for i in (1, 2)}).metrics)
     for name in METRICS:
-        assert human[name] == pytest.approx(sum(r[name] for r in rounds) / 3, abs=1e-12), name
-    with CocoCaptionEvaluator({1: ["a red circle"] * 5, 2: ["two blue squares"] * 5}) as unanimous:
-        assert unanimous.human_agreement()["ROUGE_L"] == pytest.approx(1.0)
+        assert loo.human[name] == pytest.approx(sum(m[name] for m in human_rounds) / 5, abs=1e-12), name
+        assert loo.model[name] == pytest.approx(sum(m[name] for m in model_rounds) / 5, abs=1e-12), name
+    with CocoCaptionEvaluator({1: ["a red circle"] * 5, 2: ["two blue squares"] * 6}) as unanimous:
+        agreed = unanimous.leave_one_out({1: "a red circle", 2: "two blue squares"})
+    assert agreed.human == agreed.model and agreed.human["ROUGE_L"] == pytest.approx(1.0)
+    with CocoCaptionEvaluator(references) as evaluator, pytest.raises(ValueError, match="nothing to score"):
+        evaluator.leave_one_out({3: "a green star"})
 
 
 def test_unknown_image_ids_and_empty_results_are_refused() -> None:
@@ -248,3 +261,76 @@ def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_
     assert completed.returncode == 0, completed.stderr
     output = completed.stdout + completed.stderr
     assert all(name in output for name in ("Bleu_4", "ROUGE_L", "CIDEr")) and "METEOR is skipped" in output
+
+
+def _independent_leave_one_out(references: dict[int, list[str]], captions: dict[int, str]
+                               ) -> tuple[dict[str, float], dict[str, float], int]:
+    """Issue 12's protocol written out with pycocoevalcap's own tokenizer and scorers, nothing of ours."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    eligible = [i for i in captions if len(references[i]) >= 5]
+    tokenized = PTBTokenizer().tokenize({i: [{"caption": c} for c in references[i]] for i in eligible})
+    model = PTBTokenizer().tokenize({i: [{"caption": captions[i]}] for i in eligible})
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+               (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
+    human_total = dict.fromkeys(METRICS, 0.0)
+    model_total = dict.fromkeys(METRICS, 0.0)
+    for r in range(5):
+        others = {i: tokenized[i][:r] + tokenized[i][r + 1:] for i in eligible}  # all the other references
+        for candidates, total in (({i: [tokenized[i][r]] for i in eligible}, human_total), (model, model_total)):
+            for scorer, names in scorers:  # one call per side, as COCOEvalCap would score each
+                corpus, _ = scorer.compute_score(others, candidates)
+                for name, value in zip(names, corpus if isinstance(corpus, list) else [corpus]):
+                    total[name] += value / 5
+    del scorers  # stops pycocoevalcap's METEOR process
+    return human_total, model_total, len(eligible)
+
+
+def test_leave_one_out_equals_pycocoevalcap_on_real_coco_captions(
+        shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    annotations = shared_data / "coco-val2017-mini" / "annotations"
+    mini = _references(annotations / "captions_mini.json")
+    val = _references(annotations / "captions_val2017.json")
+    references = {i: mini[i] for i in list(mini)[:40]}  # five references each
+    many = sorted((i for i, r in val.items() if len(r) > 5), key=lambda i: -len(val[i]))[:3]
+    assert [len(val[i]) for i in many] == [7, 6, 6]
+    references |= {i: val[i] for i in many}
+    few, unused = [i for i in val if i not in references and len(val[i]) == 5][:2]
+    references[few] = val[few][:4]  # left out
+    references[unused] = val[unused]  # a reference image without a caption: takes no part
+    ids = [i for i in references if i != unused]
+    made_up = ["a man riding a wave on top of a surfboard.", "A plate of food with broccoli", "two dogs"]
+    captions = {}
+    for k, i in enumerate(ids):  # another image's caption, an own caption reversed, or a made-up one
+        other = references[ids[(k + 7) % len(ids)]]
+        captions[i] = [other[k % len(other)], " ".join(references[i][-1].split()[::-1]), made_up[k % 3]][k % 3]
+
+    with caplog.at_level(logging.INFO, logger=coco.__name__):
+        with CocoCaptionEvaluator(references) as evaluator:
+            loo = evaluator.leave_one_out(captions)
+    human, model, images = _independent_leave_one_out(references, captions)
+    assert (loo.rounds, loo.images, images) == (5, 43, 43)
+    assert caplog.text.count("1 of 44 images have fewer than 5 references") == 1
+    assert set(loo.human) == set(loo.model) == set(METRICS)
+    for name in METRICS:
+        assert loo.human[name] == pytest.approx(human[name], abs=1e-12), name
+        assert loo.model[name] == pytest.approx(model[name], abs=1e-12), name
+    assert loo.model["CIDEr"] < loo.human["CIDEr"]
+
+    # the CLI prints the same pair and writes it with --output
+    annotation_file = tmp_path / "annotations.json"
+    annotation_file.write_text(json.dumps({"annotations": [{"image_id": i, "caption": c}
+                                                           for i, r in references.items() for c in r]}))
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in captions.items()]))
+    assert cli.main([str(results_file), "--annotations", str(annotation_file), "--leave-one-out",
+                     "--output", str(tmp_path / "metrics.json")]) == 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert {k: v for k, v in written.items() if k.startswith("human_loo/")} == \
+        {f"human_loo/{name}": value for name, value in loo.human.items()}
+    assert {k: v for k, v in written.items() if k.startswith("model_loo/")} == \
+        {f"model_loo/{name}": value for name, value in loo.model.items()}

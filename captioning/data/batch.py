@@ -17,7 +17,8 @@ class CaptionBatch:
     Exactly one of ``images`` and ``features`` is set: ``features`` when the data module reads a
     feature cache, and the model then skips its encoder. ``caption_image_index[j]`` is the image
     row that caption ``j`` describes, so the encoder runs once per image however many captions
-    it has.
+    it has. With ``train_captions_per_image=pairs`` every row has one caption and the same image
+    may fill several rows (``image_ids`` then repeats).
     """
 
     images: torch.Tensor | None  # (batch, 3, H, W) pixels in [0, 1]

@@ -1,5 +1,6 @@
 """Lightning data module: splits -> vocabulary -> encoded captions -> ``CaptionBatch``es."""
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -11,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from captioning.data.batch import CaptionBatch, collate_captions
-from captioning.data.datasets import FORMATS, CaptionDataset, CaptionedImage, load_annotations
+from captioning.data.datasets import (CAPTIONS_PER_IMAGE, FORMATS, CaptionDataset, CaptionedImage,
+                                      load_annotations)
 from captioning.data.features import FeatureCache, FeatureEncoder, write_feature_cache
 from captioning.data.files import ShardedCache
 from captioning.data.image_cache import ImageCache, write_image_cache
@@ -54,6 +56,11 @@ class CaptionDataModule(pl.LightningDataModule):
     ``splits`` maps train / val / test to ``{"annotations": file, "images": dir}`` relative to
     ``root``, plus ``"subsets"``: the Karpathy splits (or a folder table's split names) that make it
     up. ``merge_restval`` adds Karpathy's ``restval`` to train, as the standard recipes do.
+    ``val_from_train``: that many train images, drawn by ``split_seed`` (the same on every rank and
+    run), become the val split instead of ``splits["val"]`` (for datasets whose only captioned
+    held-out images are the test split); the vocabulary comes from the train images left.
+    ``train_captions_per_image`` (``all``, ``random`` or ``pairs``; see ``CaptionDataset``) is how
+    training items carry captions; validation and test always use ``all``.
     ``generate_shapes`` (the built-in dataset's settings) writes ``root`` on first use.
     ``on_bad_image``: ``error`` stops before training at the first missing, unreadable or oversized
     image (named, with the reason); ``skip`` leaves such images out, logging each and the count.
@@ -71,6 +78,7 @@ class CaptionDataModule(pl.LightningDataModule):
         merge_restval: bool = True,
         split_ratios: Mapping[str, float] | None = None,
         split_seed: int = 0,
+        val_from_train: int | None = None,
         image_size: int = 224,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -87,9 +95,22 @@ class CaptionDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        missing = [s for s in SPLITS if s not in splits]
+        splits = {name: paths for name, paths in splits.items() if paths is not None}
+        if val_from_train is not None:
+            if val_from_train < 1:
+                raise ValueError(f"data.val_from_train must be a number of images >= 1 or null, "
+                                 f"got {val_from_train}")
+            if "val" in splits:
+                raise ValueError(f"data.val_from_train={val_from_train} draws the val split from train, but "
+                                 f"data.splits.val is given too ({dict(splits['val'])}): remove one of them "
+                                 "(~data.splits.val on the command line, or data.val_from_train=null)")
+        needed = [s for s in SPLITS if not (s == "val" and val_from_train is not None)]
+        missing = [s for s in needed if s not in splits]
         if missing:
-            raise ValueError(f"data.splits lacks {missing}; each of {SPLITS} needs 'annotations' and 'images'")
+            raise ValueError(f"data.splits lacks {missing}; each of {needed} needs 'annotations' and 'images'")
+        if train_captions_per_image not in CAPTIONS_PER_IMAGE:
+            raise ValueError(f"data.train_captions_per_image must be one of {CAPTIONS_PER_IMAGE}, "
+                             f"got {train_captions_per_image!r}")
         if format not in FORMATS:
             raise ValueError(f"data.format must be one of {FORMATS}, got {format!r}")
         if on_bad_image not in ON_BAD_IMAGE:
@@ -100,6 +121,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.merge_restval = merge_restval
         self.split_ratios = dict(split_ratios) if split_ratios else None
         self.split_seed = split_seed
+        self.val_from_train = val_from_train
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -128,8 +150,11 @@ class CaptionDataModule(pl.LightningDataModule):
         """Load every split and build the vocabulary once (idempotent; same result on every rank)."""
         if self._datasets:
             return
+        loaded = {split: self._load(split) for split in SPLITS if split in self.splits}
+        if self.val_from_train is not None:
+            loaded["train"], loaded["val"] = self._hold_out(loaded["train"])
         for split in SPLITS:
-            self._images[split] = self._usable(split, self._load(split))
+            self._images[split] = self._usable(split, loaded[split])
         train_tokens = [tokenize(c) for image in self._images["train"] for c in image.captions]
         self.vocab = Vocabulary.build(train_tokens, self.min_word_count)
         self._log_statistics(train_tokens)
@@ -190,6 +215,26 @@ class CaptionDataModule(pl.LightningDataModule):
         return load_annotations(self.format, self.root / annotations if annotations else None,
                                 self.root / paths["images"], subsets, self.split_ratios, self.split_seed)
 
+    def _hold_out(self, train: list[CaptionedImage]) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+        """(train, val): ``val_from_train`` captioned train images move to val.
+
+        The draw takes the ids that rank first by a hash of (``split_seed``, id): it depends only on
+        the seed and the annotations (the same on every rank and Python version), and adding k
+        images to the file changes at most k of the drawn ones. It precedes the image checks, so a
+        broken or repaired image file changes no draw (with ``on_bad_image=skip`` val may lose it).
+        """
+        captioned = sorted({image.image_id for image in train if image.captions})
+        if len(captioned) < self.val_from_train + 1:
+            raise ValueError(f"data.val_from_train={self.val_from_train} needs at least {self.val_from_train + 1} "
+                             f"captioned train images (the rest stay in train), but the train split has "
+                             f"{len(captioned)}: lower data.val_from_train or use data.splits.val")
+        rank = {image_id: hashlib.sha256(f"{self.split_seed}:{image_id}".encode()).digest() for image_id in captioned}
+        drawn = set(sorted(captioned, key=rank.__getitem__)[:self.val_from_train])
+        log.info("val: %d of %d captioned train images held out (data.val_from_train, seed %d)",
+                 len(drawn), len(captioned), self.split_seed)
+        return ([image for image in train if image.image_id not in drawn],
+                [image for image in train if image.image_id in drawn])
+
     def _usable(self, split: str, images: list[CaptionedImage]) -> list[CaptionedImage]:
         """The split's images that have captions and a sound header (or an error, per ``on_bad_image``)."""
         captioned = [image for image in images if image.captions]
@@ -234,6 +279,13 @@ class CaptionDataModule(pl.LightningDataModule):
             100 * self.vocab.unknown_rate(train_tokens), lengths[len(lengths) // 2] if lengths else 0,
             lengths[-1] if lengths else 0, truncated, self.max_caption_length,
         )
+
+    def split_image_ids(self) -> dict[str, list[int]]:
+        """The image ids of each split as used (after ``setup``), to record beside a run: with
+        ``val_from_train`` or skipped images they are not in any annotation file."""
+        if not self._datasets:
+            raise RuntimeError("call setup() before split_image_ids()")
+        return {split: [image.image_id for image in self._images[split]] for split in SPLITS}
 
     def references(self, split: str) -> dict[int, list[str]]:
         """Raw reference captions of a split by image id, as the evaluator wants them."""

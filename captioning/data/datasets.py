@@ -44,6 +44,7 @@ class DatasetItem:
 
 
 FORMATS = ("coco", "karpathy", "folder", "images")
+CAPTIONS_PER_IMAGE = ("all", "random", "pairs")  # CaptionDataset's modes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT_RATIOS = {"train": 0.9, "val": 0.05, "test": 0.05}
 
@@ -243,10 +244,14 @@ def _require(record: Any, field: str, kind: type, source: Path, where: str) -> A
 
 
 class CaptionDataset(Dataset[DatasetItem | None]):
-    """One item per image, carrying all its captions or one drawn at random per visit.
+    """Items of images with their encoded captions, in one of three ``captions_per_image`` modes.
 
-    Encoding every caption of an image in one item lets the module run the CNN once per image
-    and train on all its captions; validation and test visit each image exactly once.
+    ``all``: one item per image carrying all its captions, so the module runs the CNN once per
+    image and trains on every caption (validation and test use it: each image visited once).
+    ``random``: one item per image with one of its captions drawn anew at each visit.
+    ``pairs``: one item per (image, caption) pair, so an epoch visits every caption once and a
+    batch of N items is N pairs, as the Show-Attend-Tell tutorial and im2txt train (an image is
+    decoded once per caption and may appear twice in a batch).
     ``load_image`` gives an image's pixels (decoded from its file, or from a resized-image cache)
     or its cached encoder features.
     An image that fails to load stops with a ``BadImageError`` naming it, or, with
@@ -261,19 +266,23 @@ class CaptionDataset(Dataset[DatasetItem | None]):
         captions_per_image: str = "all",
         skip_bad_images: bool = False,
     ) -> None:
-        if captions_per_image not in ("all", "random"):
-            raise ValueError(f"captions_per_image must be 'all' or 'random', got {captions_per_image!r}")
+        if captions_per_image not in CAPTIONS_PER_IMAGE:
+            raise ValueError(f"captions_per_image must be one of {CAPTIONS_PER_IMAGE}, got {captions_per_image!r}")
         self.images = list(images)
         self.load_image = load_image
         self.captions_per_image = captions_per_image
         self.skip_bad_images = skip_bad_images
         self.encoded = [[torch.tensor(encode_caption(c)) for c in image.captions] for image in self.images]
-        self._reported: set[int] = set()
+        # pairs: item -> (image index, caption index); the other modes index images directly
+        self.pairs = ([(row, caption) for row, captions in enumerate(self.encoded) for caption in range(len(captions))]
+                      if captions_per_image == "pairs" else None)
+        self._reported: set[int] = set()  # image indices, so an image of several pairs is logged once
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pairs) if self.pairs is not None else len(self.images)
 
     def __getitem__(self, index: int) -> DatasetItem | None:
+        index, caption = self.pairs[index] if self.pairs is not None else (index, None)
         image = self.images[index]
         try:
             pixels = self.load_image(image)
@@ -287,6 +296,8 @@ class CaptionDataset(Dataset[DatasetItem | None]):
                             len(self._reported))
             return None
         captions = self.encoded[index]
-        if self.captions_per_image == "random" and captions:
+        if caption is not None:
+            captions = [captions[caption]]
+        elif self.captions_per_image == "random" and captions:
             captions = [random.choice(captions)]
         return DatasetItem(image.image_id, pixels, captions)

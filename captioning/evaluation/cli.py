@@ -1,10 +1,16 @@
 """Score an official COCO results file against COCO caption annotations.
 
     python -m captioning.evaluation RESULTS.json --annotations captions_val2017.json \
-        [--output METRICS.json] [--per-image PER_IMAGE.json]
+        [--output METRICS.json] [--per-image PER_IMAGE.json] [--leave-one-out]
 
 Results are ``[{"image_id": int, "caption": str}, ...]`` with one caption per image; every image
 id must be in the annotations. Only the images in the results are scored (as ``COCOEvalCap`` does).
+
+``--leave-one-out`` also prints a fair human comparison: in five rounds each human reference is
+scored against the image's other references, and the model's caption against exactly the same
+references (``CocoCaptionEvaluator.leave_one_out``); ``--output`` then also holds
+``human_loo/<metric>`` and ``model_loo/<metric>``. Compare the human numbers with the model's
+leave-one-out numbers, not with its ordinary scores: those use one reference more.
 Exit status: 0 scored, 2 bad input (the message names the file and the entry).
 """
 
@@ -83,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="write the metrics here as JSON")
     parser.add_argument("--per-image", type=Path, help="write every image's scores here as JSON")
     parser.add_argument("--no-spice", action="store_true", help="do not run SPICE even where it could run")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="also score humans against the model fairly: in rounds 1..5 each image's i-th "
+                             "reference and the model's caption are both scored against all the image's other "
+                             "references (images with fewer than 5 references are left out); prints the "
+                             "two side by side and adds human_loo/<metric> and model_loo/<metric> to --output")
     return parser.parse_args(argv)
 
 
@@ -102,14 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
         result = evaluator.score(captions)
+        loo = evaluator.leave_one_out(captions) if args.leave_one_out else None
     table = Table(title=f"{len(captions)} captions scored against {args.annotations.name}")
     table.add_column("metric")
     table.add_column("score", justify="right")
     for name, value in result.metrics.items():
         table.add_row(name, f"{value:.4f}")
     console.print(table)
+    metrics = dict(result.metrics)
+    if loo is not None:
+        table = Table(title=f"leave-one-out over {loo.images} images, {loo.rounds} rounds: "
+                            "human and model against the same references")
+        for column in ("metric", "human", "model"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for name in loo.human:
+            table.add_row(name, f"{loo.human[name]:.4f}", f"{loo.model[name]:.4f}")
+        console.print(table)
+        metrics |= {f"human_loo/{name}": value for name, value in loo.human.items()}
+        metrics |= {f"model_loo/{name}": value for name, value in loo.model.items()}
     if args.output:
-        args.output.write_text(json.dumps(result.metrics, indent=2))
+        args.output.write_text(json.dumps(metrics, indent=2))
     if args.per_image:
         args.per_image.write_text(json.dumps({str(i): scores for i, scores in result.per_image.items()}, indent=1))
     return 0

@@ -14,6 +14,10 @@ inputs), without its failure modes:
   ``meteor.shutdown_meteor()`` or at exit.
 
 Empty captions are scored as they are (as ``COCOEvalCap`` does: they match nothing).
+
+``leave_one_out`` compares the model with humans fairly: both are scored against the same
+references (each human caption against the image's other references, the model's caption against
+exactly those), instead of humans against 4 references and the model against 5.
 """
 
 import logging
@@ -25,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
+import numpy as np
+from pycocoevalcap.bleu import bleu_scorer
+from pycocoevalcap.cider import cider_scorer
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as spice_module
 from pycocotools.coco import COCO
@@ -42,6 +47,7 @@ SPICE_LIBRARY = Path(spice_module.__file__).with_name("lib")
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 Tokenized = dict[int, list[str]]
+LEAVE_ONE_OUT_ROUNDS = 5
 
 
 @dataclass
@@ -50,6 +56,20 @@ class EvaluationResult:
 
     metrics: dict[str, float]
     per_image: dict[int, dict[str, float]]
+
+
+@dataclass
+class LeaveOneOut:
+    """Leave-one-out human agreement and the model scored against the very same references.
+
+    ``human`` and ``model`` map metric names to the mean over ``rounds`` rounds; ``images`` is how
+    many images took part (those with a caption and at least five references), the same on both sides.
+    """
+
+    human: dict[str, float]
+    model: dict[str, float]
+    rounds: int
+    images: int
 
 
 _warned: set[str] = set()
@@ -94,6 +114,13 @@ def spice_unavailable_reason(java: str | None) -> str | None:
     return None
 
 
+def _record(result: EvaluationResult, name: str, corpus: float, scores: Sequence[float]) -> None:
+    """Store one metric's corpus score and its per-image scores (in the result's image order)."""
+    result.metrics[name] = float(corpus)
+    for per_image, value in zip(result.per_image.values(), scores):
+        per_image[name] = float(value)
+
+
 class CocoCaptionEvaluator:
     """Scores ``{image_id: caption}`` against fixed references (``{image_id: [captions]}`` or a ``COCO``)."""
 
@@ -121,6 +148,54 @@ class CocoCaptionEvaluator:
 
     def score(self, captions: Mapping[int, str]) -> EvaluationResult:
         """Metrics over the images in ``captions``; each must be a reference image."""
+        image_ids = self._checked_image_ids(captions)
+        results = dict(zip(image_ids, ([c] for c in self._tokenize([captions[i] for i in image_ids]))))
+        references = self.tokenized_references()
+        return self._score_tokenized({i: references[i] for i in image_ids}, results)
+
+    def leave_one_out(self, captions: Mapping[int, str]) -> LeaveOneOut:
+        """Human and model scored against the same references, in five leave-one-out rounds.
+
+        Humans can only be scored against the references they are not part of, so a fair comparison
+        scores the model against exactly those references too. (The old ``human_agreement`` scored
+        each human caption against 4 references and left the model at its 5, which favours the model:
+        every metric rises with the number of references.) The protocol:
+
+        - only images in ``captions`` that have at least five references take part (the model side
+          needs a caption; with fewer than five references an image is left out, logged once per call);
+        - round ``i`` = 1..5 takes the image's ``i``-th reference (file order) as the human candidate,
+          and ALL the image's other references as ground truth (6 of them for an image with 7);
+        - in the same round the model's caption of that image is scored against the same references,
+          in a separate scorer call with the same reference set (CIDEr's document frequencies come
+          from the references of the whole call, as in ``COCOEvalCap``);
+        - each metric is the mean of its five corpus-level round scores.
+
+        Both sides therefore always cover the same images and the same references. References are
+        tokenized once per evaluator and the captions once per call; METEOR (and SPICE) score every
+        round in the background while the Python scorers work.
+        """
+        image_ids = self._checked_image_ids(captions)
+        references = self.tokenized_references()
+        kept = [i for i in image_ids if len(references[i]) >= LEAVE_ONE_OUT_ROUNDS]
+        if len(kept) < len(image_ids):
+            log.info("leave-one-out: %d of %d images have fewer than %d references and are left out",
+                     len(image_ids) - len(kept), len(image_ids), LEAVE_ONE_OUT_ROUNDS)
+        if not kept:
+            raise ValueError(f"no image in the captions has {LEAVE_ONE_OUT_ROUNDS} references: "
+                             "leave-one-out has nothing to score")
+        model = dict(zip(kept, ([c] for c in self._tokenize([captions[i] for i in kept]))))
+        rounds = self._score_groups([({i: references[i][:r] + references[i][r + 1:] for i in kept},
+                                       [{i: [references[i][r]] for i in kept}, model])
+                                      for r in range(LEAVE_ONE_OUT_ROUNDS)])
+        human_rounds = [scored.metrics for scored, _ in rounds]
+        model_rounds = [scored.metrics for _, scored in rounds]
+        return LeaveOneOut(
+            human={name: sum(m[name] for m in human_rounds) / LEAVE_ONE_OUT_ROUNDS for name in self.metric_names},
+            model={name: sum(m[name] for m in model_rounds) / LEAVE_ONE_OUT_ROUNDS for name in self.metric_names},
+            rounds=LEAVE_ONE_OUT_ROUNDS, images=len(kept))
+
+    def _checked_image_ids(self, captions: Mapping[int, str]) -> list[int]:
+        """The sorted image ids of ``captions``, refusing empty input, unknown images and non-strings."""
         if not captions:
             raise ValueError("no captions to score")
         unknown = [i for i in captions if int(i) not in self.references]
@@ -130,27 +205,7 @@ class CocoCaptionEvaluator:
         if not_text:
             raise ValueError(f"the caption of image {not_text[0]} is a {type(captions[not_text[0]]).__name__}, "
                              "not a string")
-        image_ids = sorted(int(i) for i in captions)
-        results = dict(zip(image_ids, ([c] for c in self._tokenize([captions[i] for i in image_ids]))))
-        references = self.tokenized_references()
-        return self._score_tokenized({i: references[i] for i in image_ids}, results)
-
-    def human_agreement(self) -> dict[str, float]:
-        """Leave-one-out human scores: each reference scored against the others, averaged.
-
-        Round ``j`` takes every image's ``j``-th reference as the "result" and its other references
-        as the ground truth; the metrics are averaged over rounds. Images with one reference are left out.
-        """
-        references = self.tokenized_references()
-        rounds = max(len(r) for r in references.values())
-        totals = dict.fromkeys(self.metric_names, 0.0)
-        for j in range(rounds):
-            held_out = {i: r for i, r in references.items() if len(r) > max(j, 1)}
-            result = self._score_tokenized({i: r[:j] + r[j + 1:] for i, r in held_out.items()},
-                                           {i: [r[j]] for i, r in held_out.items()})
-            for name in self.metric_names:
-                totals[name] += result.metrics[name] / rounds
-        return totals
+        return sorted(int(i) for i in captions)
 
     def tokenized_references(self) -> Tokenized:
         if self._tokenized_references is None:
@@ -167,31 +222,67 @@ class CocoCaptionEvaluator:
         return ptb_tokenize(captions) if self.java is not None else ptb_tokenize_python_batch(captions)
 
     def _score_tokenized(self, references: Tokenized, results: Tokenized) -> EvaluationResult:
-        image_ids = list(references)
-        metrics: dict[str, float] = {}
-        per_image: dict[int, dict[str, float]] = {i: {} for i in image_ids}
+        return self._score_groups([(references, [results])])[0][0]
 
-        def record(name: str, corpus: float, scores: Sequence[float]) -> None:
-            metrics[name] = float(corpus)
-            for image_id, value in zip(image_ids, scores):
-                per_image[image_id][name] = float(value)
+    def _score_groups(self, groups: Sequence[tuple[Tokenized, Sequence[Tokenized]]]
+                      ) -> list[list[EvaluationResult]]:
+        """Score every results dict of each group against the group's references, each on its own.
 
+        Each ``(references, results)`` pair gets exactly the numbers of separate pycocoevalcap scorer
+        calls (a pair's corpus BLEU, METEOR and CIDEr depend on that pair alone). Work that depends
+        only on the references is shared within a group: BLEU's and CIDEr's n-gram counts of the
+        references, and CIDEr's document frequencies (computed from the references of the call, so
+        the same for every results dict of the group). The Java scorers (METEOR, SPICE) work
+        through all pairs in background threads while the Python scorers work through them here.
+        """
+        pairs = [(references, results) for references, group in groups for results in group]
+        for references, results in pairs:
+            if references.keys() != results.keys() or any(len(results[i]) != 1 for i in results):
+                raise ValueError("each image needs references and exactly one result")
+        meteor_scorer = self._meteor_scorer() if "METEOR" in self.metric_names else None
+        outputs: list[list[EvaluationResult]] = []
         with ThreadPoolExecutor(max_workers=2) as java_scorers:  # Java works while Python scores
-            meteor = (java_scorers.submit(self._meteor_scorer().compute_score, references, results)
-                      if "METEOR" in self.metric_names else None)
-            spice = (java_scorers.submit(spice_module.Spice().compute_score, references, results)
+            meteor = (java_scorers.submit(lambda: [meteor_scorer.compute_score(g, r) for g, r in pairs])
+                      if meteor_scorer is not None else None)
+            spice = (java_scorers.submit(lambda: [spice_module.Spice().compute_score(g, r) for g, r in pairs])
                      if "SPICE" in self.metric_names else None)
-            bleu, bleu_per_image = Bleu(4).compute_score(references, results, verbose=0)
-            for n in range(4):
-                record(f"Bleu_{n + 1}", bleu[n], bleu_per_image[n])
-            record("ROUGE_L", *Rouge().compute_score(references, results))
-            record("CIDEr", *Cider().compute_score(references, results))
+            for references, group in groups:
+                image_ids = list(references)
+                bleu_references = [bleu_scorer.cook_refs(references[i]) for i in image_ids]
+                cider_references = [cider_scorer.cook_refs(references[i]) for i in image_ids]
+                document_frequency = None
+                outputs.append([])
+                for results in group:
+                    output = EvaluationResult({}, {i: {} for i in image_ids})
+                    # what Bleu(4).compute_score(references, results) computes, the references cooked once
+                    bleu = bleu_scorer.BleuScorer(n=4)
+                    bleu.crefs = list(bleu_references)
+                    bleu.ctest = [bleu_scorer.cook_test(results[i][0], cooked)
+                                  for i, cooked in zip(image_ids, bleu_references)]
+                    corpus, per_image = bleu.compute_score(option="closest", verbose=0)
+                    for n in range(4):
+                        _record(output, f"Bleu_{n + 1}", corpus[n], per_image[n])
+                    _record(output, "ROUGE_L", *Rouge().compute_score(references, results))
+                    # what Cider().compute_score(references, results) computes, document frequencies once
+                    cider = cider_scorer.CiderScorer(n=4, sigma=6.0)
+                    cider.crefs = list(cider_references)
+                    cider.ctest = [cider_scorer.cook_test(results[i][0]) for i in image_ids]
+                    if document_frequency is None:
+                        cider.compute_doc_freq()
+                        document_frequency = cider.document_frequency
+                    cider.document_frequency = document_frequency  # its lookups add only zeros
+                    per_image = cider.compute_cider()
+                    _record(output, "CIDEr", np.mean(np.array(per_image)), per_image)
+                    outputs[-1].append(output)
+            flat = [output for group in outputs for output in group]
             if meteor is not None:
-                record("METEOR", *meteor.result())
+                for output, (corpus, scores) in zip(flat, meteor.result()):
+                    _record(output, "METEOR", corpus, scores)
             if spice is not None:
-                corpus, details = spice.result()
-                record("SPICE", corpus, [d["All"]["f"] for d in details])
-        return EvaluationResult({name: metrics[name] for name in self.metric_names}, per_image)
+                for output, (corpus, details) in zip(flat, spice.result()):
+                    _record(output, "SPICE", corpus, [d["All"]["f"] for d in details])
+        return [[EvaluationResult({name: output.metrics[name] for name in self.metric_names}, output.per_image)
+                 for output in group] for group in outputs]
 
     def _meteor_scorer(self) -> MeteorScorer:
         if self._meteor is None or self._meteor.process.poll() is not None:

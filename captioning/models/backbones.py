@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# TensorFlow's EfficientNet-Lite was trained on pixels scaled as (x - 127) / 128
-TF_LITE_MEAN = (0.5, 0.5, 0.5)
-TF_LITE_STD = (0.5, 0.5, 0.5)
+# TensorFlow's EfficientNet-Lite and Inception-v3 were trained on pixels scaled to [-1, 1]
+TF_MEAN = (0.5, 0.5, 0.5)
+TF_STD = (0.5, 0.5, 0.5)
+# the smallest input every supported backbone accepts (Inception-v3 needs 75 px), to probe its width
+PROBE_SIZE = 96
 
 
 @dataclass
@@ -51,8 +53,11 @@ def _torchvision_backbone(name: str, weights: str | None, weights_path: str | Pa
     except ValueError:
         raise ValueError(f"unknown backbone {name!r}: use 'efficientnet_lite0' or a torchvision classifier "
                          f"from torchvision.models.list_models(torchvision.models), e.g. resnet18") from None
-    model = builder(weights=None)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    # Inception-v3 asks to be told its init: torchvision's (truncated normal) keeps random runs as before
+    model = builder(weights=None, **({"init_weights": True} if name == "inception_v3" else {}))
+    # torchvision's Inception-v3 weights expect [-1, 1] pixels: its own forward rescales them
+    # (transform_input), but the encoder runs the stages alone
+    mean, std = (TF_MEAN, TF_STD) if isinstance(model, torchvision.models.Inception3) else (IMAGENET_MEAN, IMAGENET_STD)
     if weights is not None:
         enum = torchvision.models.get_model_weights(name)
         try:
@@ -61,8 +66,9 @@ def _torchvision_backbone(name: str, weights: str | None, weights_path: str | Pa
             names = ["DEFAULT", *enum.__members__]
             raise ValueError(f"unknown weights {weights!r} for {name}; choose one of {names}") from None
         model.load_state_dict(_download(chosen, name))
-        preset = chosen.transforms()
-        mean, std = tuple(preset.mean), tuple(preset.std)
+        if not isinstance(model, torchvision.models.Inception3):
+            preset = chosen.transforms()
+            mean, std = tuple(preset.mean), tuple(preset.std)
     elif weights_path is not None:
         _load_file(model, weights_path, by_position=False)
     return _finish(_torchvision_stages(model, name), mean, std)
@@ -117,6 +123,10 @@ def _torchvision_stages(model: nn.Module, name: str) -> nn.Sequential:
     if isinstance(getattr(model, "features", None), nn.Sequential):  # mobilenet, efficientnet, convnext, vgg
         return nn.Sequential(*model.features)
     children = dict(model.named_children())
+    if isinstance(model, torchvision.models.Inception3):  # the stem up to maxpool2, then each Mixed block
+        first = list(children).index("Mixed_5b")
+        stem = nn.Sequential(*list(children.values())[:first])
+        return nn.Sequential(stem, *(module for key, module in children.items() if key.startswith("Mixed")))
     layers = [key for key in children if key.startswith("layer")]
     if layers:  # resnet, resnext, wide_resnet: the stem, then layer1..layer4
         first = list(children).index(layers[0])
@@ -133,7 +143,7 @@ def _efficientnet_lite0(weights: str | None, weights_path: str | Path | None) ->
     model = efficientnet_lite0_classifier(weights_path)
     stages = nn.Sequential(nn.Sequential(model.conv_stem, model.bn1), *model.blocks,
                            nn.Sequential(model.conv_head, model.bn2))
-    return _finish(stages, TF_LITE_MEAN, TF_LITE_STD)
+    return _finish(stages, TF_MEAN, TF_STD)
 
 
 def efficientnet_lite0_classifier(weights_path: str | Path | None = None) -> nn.Module:
@@ -158,6 +168,6 @@ def packaged_lite0_weights() -> Path:
 
 def _finish(stages: nn.Sequential, mean: tuple[float, ...], std: tuple[float, ...]) -> Backbone:
     with torch.no_grad():
-        output_dim = int(stages.eval()(torch.zeros(1, 3, 64, 64)).shape[1])
+        output_dim = int(stages.eval()(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE)).shape[1])
     stages.train()
     return Backbone(stages, output_dim, tuple(mean), tuple(std))

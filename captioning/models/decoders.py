@@ -46,6 +46,28 @@ def _check_cell(cell: str) -> None:
         raise ValueError(f"decoder cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
 
 
+def uniform_init_(module: nn.Module, scale: float | None) -> None:
+    """im2txt's initialisation: weights uniform in [-scale, scale], biases 0, LSTM forget gates biased
+    by +1 (TensorFlow's ``BasicLSTMCell`` adds it); None keeps torch's defaults."""
+    if scale is None:
+        return
+    if scale <= 0:
+        raise ValueError(f"decoder init_scale must be > 0 (or null for torch's defaults), got {scale}")
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.rpartition(".")[2].startswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.uniform_(-scale, scale)
+        for child in module.modules():
+            if isinstance(child, nn.Embedding) and child.padding_idx is not None:
+                child.weight[child.padding_idx].zero_()
+            if isinstance(child, nn.LSTM | nn.LSTMCell):
+                for name, parameter in child.named_parameters():
+                    if name.startswith("bias_ih"):  # gates in torch's order: input, forget, cell, output
+                        parameter[child.hidden_size:2 * child.hidden_size] = 1.0
+
+
 class WordOutput(nn.Module):
     """Hidden state -> word logits, optionally tied to the input embedding (Press & Wolf, 2017).
 
@@ -77,6 +99,8 @@ class ShowTellDecoder(nn.Module):
     ``condition="every_step"`` concatenates it to every word embedding (LRCN, Donahue et al.,
     2015), which gives an encoder trained from scratch a gradient at every word.
     Teacher forcing runs the whole caption through one packed cuDNN-able RNN call.
+    ``init_scale`` draws every weight uniformly from [-init_scale, init_scale] (``uniform_init_``;
+    im2txt uses 0.08).
     """
 
     def __init__(
@@ -90,6 +114,7 @@ class ShowTellDecoder(nn.Module):
         cell: str = "lstm",
         condition: str = "input",
         tie_embeddings: bool = False,
+        init_scale: float | None = None,
     ) -> None:
         super().__init__()
         _check_cell(cell)
@@ -107,6 +132,7 @@ class ShowTellDecoder(nn.Module):
         self.image_projection = nn.Linear(encoder_dim, projected)
         self.dropout = nn.Dropout(dropout)
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
+        uniform_init_(self, init_scale)
 
     def prepare(self, features: EncodedImages) -> EncodedImages:
         return features
@@ -174,7 +200,7 @@ class ShowAttendTellDecoder(nn.Module):
     to a stack of RNN cells whose first state comes from the mean grid vector. An optional
     bidirectional RNN (``context_encoder="birnn"``) turns the grid into annotations first.
     Teacher forcing sorts captions by length and shrinks the active batch as captions end, so no
-    step computes on padding.
+    step computes on padding. ``init_scale``: as in ``ShowTellDecoder``.
     """
 
     def __init__(
@@ -191,6 +217,7 @@ class ShowAttendTellDecoder(nn.Module):
         context_encoder: str | None = None,
         context_hidden_size: int = 256,
         tie_embeddings: bool = False,
+        init_scale: float | None = None,
     ) -> None:
         super().__init__()
         _check_cell(cell)
@@ -210,6 +237,7 @@ class ShowAttendTellDecoder(nn.Module):
         self.init_projection = nn.Linear(annotation_dim, state_parts * num_layers * hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
+        uniform_init_(self, init_scale)
 
     def prepare(self, features: EncodedImages) -> EncodedImages:
         if features.grid_features is None:

@@ -1,11 +1,13 @@
 """Caption your own images from a checkpoint alone (CLI ``caption`` and Python API).
 
     caption photos/ more/*.jpg --checkpoint best.ckpt --beam-size 3 --format json --output captions.json
+    caption photo.jpg --checkpoint best.ckpt --beam-size 5 --n-best 3   # the 3 best captions each
 
     from captioning.caption import Captioner
     results = Captioner.from_checkpoint("best.ckpt").caption(["a.jpg", "b.jpg"])
 
-The checkpoint carries the vocabulary, the model settings and the input size, and is read with
+The checkpoint carries the vocabulary, the model settings (decoding ones included: length penalty,
+trigram blocking, whether ``<unk>`` may be generated) and the input size, and is read with
 ``torch.load(weights_only=True)``. Unreadable images are reported on stderr and skipped; the
 others are still captioned, and the exit status says that something failed.
 """
@@ -19,7 +21,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +44,23 @@ MODEL_PREFIX = "captioner."  # CaptioningModule keeps its EncoderDecoder as `sel
 
 @dataclass
 class CaptionResult:
-    """One image's caption; ``attention`` (words, grid, grid) for attention models, per generated word."""
+    """One image's caption; ``attention`` (words, grid, grid) for attention models, per generated word.
+
+    ``n_best`` holds the captioner's best (caption, log-probability) pairs, best (``caption``) first.
+    """
 
     file: str
     caption: str
     log_prob: float
     words: list[str]
     attention: np.ndarray | None = None
+    n_best: list[tuple[str, float]] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, str | float]:
-        return {"file": self.file, "caption": self.caption, "log_prob": self.log_prob}
+    def as_dict(self, with_n_best: bool = False) -> dict:
+        result: dict = {"file": self.file, "caption": self.caption, "log_prob": self.log_prob}
+        if with_n_best:
+            result["n_best"] = [{"caption": caption, "log_prob": log_prob} for caption, log_prob in self.n_best]
+        return result
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,17 +75,28 @@ class Captioner:
     """A trained model with its vocabulary and input size, ready to caption image files."""
 
     def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int, beam_size: int = 3,
-                 max_length: int = 20, device: str | torch.device = "cpu") -> None:
+                 max_length: int = 20, device: str | torch.device = "cpu", n_best: int = 1,
+                 length_penalty: float = 0.0, block_trigrams: bool = False, allow_unk: bool = False,
+                 min_length: int = 1) -> None:
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"--n-best must be between 1 and the beam size ({beam_size}), got {n_best}: "
+                             f"ask for --beam-size {max(n_best, 2)} or more to get {n_best} captions per image")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.transform = build_image_transform(image_size)
-        self.beam_size, self.max_length = beam_size, max_length
+        self.beam_size, self.max_length, self.min_length, self.n_best = beam_size, max_length, min_length, n_best
+        self.length_penalty, self.block_trigrams = length_penalty, block_trigrams
+        self.unk_id = None if allow_unk else vocab.unk_id
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", beam_size: int | None = None,
-                        max_length: int | None = None) -> "Captioner":
-        """Rebuild the model from a training checkpoint (no other file, no download)."""
+                        max_length: int | None = None, n_best: int = 1, length_penalty: float | None = None,
+                        block_trigrams: bool | None = None) -> "Captioner":
+        """Rebuild the model from a training checkpoint (no other file, no download).
+
+        Decoding settings not given here are the training run's, as its validation decoded.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -94,7 +114,11 @@ class Captioner:
         return cls(model, vocab, settings.get("image_size") or 224,
                    beam_size if beam_size is not None else max(3, settings.get("beam_size", 1)),
                    max_length if max_length is not None else settings.get("max_decode_length", 20),
-                   resolve_device(device))
+                   resolve_device(device), n_best,
+                   length_penalty if length_penalty is not None else settings.get("length_penalty", 0.0),
+                   block_trigrams if block_trigrams is not None else settings.get("block_trigrams", False),
+                   settings.get("allow_unk", False),
+                   max(1, settings.get("min_decode_length", 1)))  # an empty caption helps no one
 
     def caption(self, images: Sequence[str | Path], batch_size: int = 16) -> list[CaptionResult]:
         """Captions for image files, in order; a bad file raises ``BadImageError``."""
@@ -132,20 +156,25 @@ class Captioner:
         features = self.model.encode(images.to(self.device))
         decoder, vocab = self.model.decoder, self.vocab
         if self.beam_size > 1:
-            decoded: DecodedCaptions = beam_search(decoder, features, vocab.bos_id, vocab.eos_id, self.max_length,
-                                                   self.beam_size, vocab.pad_id, min_length=1)
+            decoded: DecodedCaptions = beam_search(
+                decoder, features, vocab.bos_id, vocab.eos_id, self.max_length, self.beam_size, vocab.pad_id,
+                min_length=self.min_length, length_penalty=self.length_penalty, n_best=self.n_best,
+                unk_id=self.unk_id, block_trigrams=self.block_trigrams)
         else:
             decoded = greedy_decode(decoder, features, vocab.bos_id, vocab.eos_id, self.max_length, vocab.pad_id,
-                                    min_length=1)
+                                    min_length=self.min_length, unk_id=self.unk_id)
         results = []
-        for row, name in enumerate(names):
-            words = vocab.decode(decoded.tokens[row].tolist())
+        for image, name in enumerate(names):
+            rows = range(image * self.n_best, (image + 1) * self.n_best)  # image-major, best first
+            n_best = [(detokenize(vocab.decode(decoded.tokens[row].tolist())), float(decoded.log_probs[row]))
+                      for row in rows]
+            words = vocab.decode(decoded.tokens[rows[0]].tolist())
             attention = None
             if decoded.attention is not None:
-                weights = decoded.attention[row, :len(words)].float().cpu().numpy()  # (words, num_pixels)
+                weights = decoded.attention[rows[0], :len(words)].float().cpu().numpy()  # (words, num_pixels)
                 grid = math.isqrt(weights.shape[1])
                 attention = weights.reshape(len(words), grid, grid)
-            results.append(CaptionResult(name, detokenize(words), float(decoded.log_probs[row]), words, attention))
+            results.append(CaptionResult(name, n_best[0][0], n_best[0][1], words, attention, n_best))
         return results
 
 
@@ -192,15 +221,24 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     return list(seen)
 
 
-def format_results(results: list[CaptionResult], output_format: str) -> str:
+def format_results(results: list[CaptionResult], output_format: str, n_best: bool = False) -> str:
+    """One entry per image, or with ``n_best`` each image's best captions with their log-probabilities."""
     if output_format == "json":
-        return json.dumps([r.as_dict() for r in results], indent=2) + "\n"
+        return json.dumps([r.as_dict(n_best) for r in results], indent=2) + "\n"
     if output_format == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["file", "caption", "log_prob"])
-        writer.writeheader()
-        writer.writerows(r.as_dict() for r in results)
+        if n_best:
+            writer = csv.DictWriter(buffer, fieldnames=["file", "rank", "caption", "log_prob"])
+            writer.writeheader()
+            writer.writerows({"file": r.file, "rank": rank, "caption": caption, "log_prob": log_prob}
+                             for r in results for rank, (caption, log_prob) in enumerate(r.n_best, start=1))
+        else:
+            writer = csv.DictWriter(buffer, fieldnames=["file", "caption", "log_prob"])
+            writer.writeheader()
+            writer.writerows(r.as_dict() for r in results)
         return buffer.getvalue()
+    if n_best:
+        return "".join(f"{r.file}\t{log_prob:.4f}\t{caption}\n" for r in results for caption, log_prob in r.n_best)
     return "".join(f"{r.file}\t{r.caption}\n" for r in results)
 
 
@@ -210,6 +248,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--beam-size", type=int, help="1: greedy (default: the larger of 3 and the training one)")
     parser.add_argument("--max-length", type=int, help="most words per caption (default: the training one)")
+    parser.add_argument("--n-best", type=int, help="the K best captions per image, with log-probabilities "
+                                                   "(K <= beam size)")
+    parser.add_argument("--length-penalty", type=float,
+                        help="rank captions by log-prob / length ** this (default: the training one)")
+    parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
+                        help="never repeat a word trigram within a caption (default: the training setting)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("text", "json", "csv"), default="text", dest="output_format")
@@ -226,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("caption: no image found in the given inputs", file=sys.stderr)
         return 2
     try:
-        captioner = Captioner.from_checkpoint(args.checkpoint, args.device, args.beam_size, args.max_length)
+        captioner = Captioner.from_checkpoint(args.checkpoint, args.device, args.beam_size, args.max_length,
+                                              args.n_best or 1, args.length_penalty, args.block_trigrams)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"caption: {error}", file=sys.stderr)
         return 2
@@ -243,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_attention_map(outcome, args.attention_maps / f"{len(results):05d}_{Path(outcome.file).stem}.png")
     if args.attention_maps is not None and results and results[0].attention is None:
         print("caption: this model has no attention, so no attention maps were written", file=sys.stderr)
-    text = format_results(results, args.output_format)
+    text = format_results(results, args.output_format, n_best=args.n_best is not None)
     if args.output is not None:
         args.output.write_text(text)
     else:

@@ -2,7 +2,8 @@
 
 Every strategy returns token ids with ``<eos>`` and everything after it as ``<pad>``, the sum of
 the chosen words' log-probabilities (``<eos>`` included) and, for attention decoders, the
-attention weights behind every generated word. ``<pad>`` and ``<bos>`` are never generated.
+attention weights behind every generated word. ``<pad>`` and ``<bos>`` are never generated, nor is
+``<unk>`` when its id is given.
 """
 
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class SpecialTokens:
     bos: int
     eos: int
     pad: int = 0
+    unk: int | None = None  # None: <unk> may be generated
 
 
 def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: bool) -> torch.Tensor:
@@ -36,6 +38,8 @@ def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: boo
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab_size)
     log_probs[:, special.pad] = -torch.inf
     log_probs[:, special.bos] = -torch.inf
+    if special.unk is not None:
+        log_probs[:, special.unk] = -torch.inf
     if not allow_eos:
         log_probs[:, special.eos] = -torch.inf
     return log_probs
@@ -55,9 +59,25 @@ Chooser = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocab) log-probs -> (
 class _BeamStep(NamedTuple):
     """One beam-search step, kept so that captions are read back once at the end."""
 
-    origin: torch.Tensor  # (rows,) the row each new beam extends
+    origin: torch.Tensor  # (rows,) the row each new running beam extends
     token: torch.Tensor  # (rows,) the word it adds
     weights: torch.Tensor | None  # (rows, num_pixels) attention of the rows the step extended
+
+
+class _Finished(NamedTuple):
+    """Each image's best finished hypotheses, best first, and where to read their words back."""
+
+    rank: torch.Tensor  # (images, n_best) log-probability / length ** length_penalty
+    log_prob: torch.Tensor  # (images, n_best) raw sum of log-probabilities
+    step: torch.Tensor  # (images, n_best) the step that added the last word (-1: empty slot)
+    origin: torch.Tensor  # (images, n_best) the row that step extended
+    token: torch.Tensor  # (images, n_best) the last word: <eos>, or any word when cut at max_length
+
+    def merge(self, other: "_Finished") -> "_Finished":
+        """The best ``n_best`` of both, best first."""
+        rank, best = torch.cat([self.rank, other.rank], dim=1).topk(self.rank.shape[1], dim=1)
+        return _Finished(rank, *(torch.cat([mine, theirs], dim=1).gather(1, best)
+                                 for mine, theirs in zip(self[1:], other[1:])))
 
 
 @torch.no_grad()
@@ -87,15 +107,15 @@ def _decode_one_path(decoder: nn.Module, features: EncodedImages, special: Speci
 
 
 def greedy_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
-                  pad_id: int = 0, min_length: int = 0) -> DecodedCaptions:
+                  pad_id: int = 0, min_length: int = 0, unk_id: int | None = None) -> DecodedCaptions:
     """The most probable word at every step."""
-    return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id), max_length, min_length,
+    return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id, unk_id), max_length, min_length,
                             lambda log_probs: log_probs.argmax(dim=-1))
 
 
 def sample_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
                   pad_id: int = 0, min_length: int = 0, temperature: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None) -> DecodedCaptions:
+                  generator: torch.Generator | None = None, unk_id: int | None = None) -> DecodedCaptions:
     """Words drawn from the model's distribution, sharpened by ``temperature`` and cut to the ``top_k``.
 
     The returned log-probabilities are the model's own (temperature 1, no cut).
@@ -110,91 +130,122 @@ def sample_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_
             scores = scores.masked_fill(scores < kth, -torch.inf)
         return torch.multinomial(torch.softmax(scores, dim=1), 1, generator=generator).squeeze(1)
 
-    return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id), max_length, min_length,
-                            draw)
+    return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id, unk_id), max_length,
+                            min_length, draw)
 
 
 @torch.no_grad()
 def beam_search(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
                 beam_size: int = 3, pad_id: int = 0, min_length: int = 0, length_penalty: float = 0.0,
-                n_best: int = 1) -> DecodedCaptions:
+                n_best: int = 1, unk_id: int | None = None, block_trigrams: bool = False) -> DecodedCaptions:
     """Beam search over all images and beams at once (one decoder call per step).
 
-    Finished hypotheses stay in the beam with their score frozen, competing with running ones.
-    The final ranking divides each sum of log-probabilities by ``length ** length_penalty``
-    (0: plain log-probability). Returns ``n_best`` rows per image, image-major and best first:
-    row ``i * n_best + j`` is image i's j-th best caption.
+    A hypothesis is ranked by its sum of log-probabilities divided by ``length ** length_penalty``
+    (0: plain log-probability; the length counts ``<eos>``). It is ranked that way while searching
+    too, so the search cannot prune what would have ranked best: a hypothesis that emits ``<eos>``
+    among the step's ``beam_size`` best candidates leaves the beam for its image's pool of the
+    ``n_best`` best finished ones, the beam goes on with the ``beam_size`` best running ones, and an
+    image is done once none of those can still beat its worst pooled one. At ``max_length`` the
+    running hypotheses are finished as they are.
+    ``block_trigrams`` forbids a word that would repeat a trigram the hypothesis already holds.
+    Returns ``n_best`` rows per image, image-major and best first: row ``i * n_best + j`` is image
+    i's j-th best caption.
     """
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
-    special = SpecialTokens(bos_id, eos_id, pad_id)
+    special = SpecialTokens(bos_id, eos_id, pad_id, unk_id)
     features = decoder.prepare(features)
     images, device = features.global_features.shape[0], features.global_features.device
     rows = images * beam_size
     image_of_row = torch.arange(images, device=device).repeat_interleave(beam_size)  # (rows,)
     row_offset = (torch.arange(images, device=device) * beam_size).unsqueeze(1)  # (images, 1)
+    beam_rows = torch.arange(rows, device=device).view(images, beam_size)
     # All beams start as the same empty caption: the first step runs once per image, then only
     # beam 0 extends it.
     state = decoder.init_state(features)
     token = torch.full((images,), bos_id, dtype=torch.long, device=device)
     step_features = features
-    scores = torch.full((images, beam_size), -torch.inf, device=device)
+    scores = torch.full((images, beam_size), -torch.inf, device=device)  # running hypotheses, best first
     scores[:, 0] = 0.0
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    lengths = torch.zeros(rows, dtype=torch.long, device=device)
-    finished_scores = torch.full((1, beam_size), -torch.inf, device=device)
-    finished_scores[0, 0] = 0.0  # a finished caption continues with free padding only
+    empty = torch.full((images, n_best), -torch.inf, device=device)
+    finished = _Finished(empty, empty, torch.full_like(empty, -1, dtype=torch.long),
+                         torch.zeros_like(empty, dtype=torch.long), torch.full_like(empty, pad_id, dtype=torch.long))
+    history = torch.zeros(rows, 0, dtype=torch.long, device=device)  # running words, kept for trigram blocking
     steps: list[_BeamStep] = []
     for t in range(max_length):
         logits, state, weights = decoder.step(token, state, step_features)  # (images or rows, vocab_size)
-        # no word outside a beam's own best ``beam_size`` can be among its image's best ``beam_size``
-        words_kept = min(beam_size, logits.shape[1])
-        word_scores, words = _word_log_probs(logits, special, allow_eos=t >= min_length).topk(words_kept, dim=1)
+        log_probs = _word_log_probs(logits, special, allow_eos=t >= min_length)
         if t == 0:
-            word_scores, words = word_scores[image_of_row], words[image_of_row]  # (rows, words_kept)
+            log_probs = log_probs[image_of_row]  # (rows, vocab_size)
             state = tuple(part.index_select(1, image_of_row) for part in state)
             weights = None if weights is None else weights[image_of_row]
             step_features = features.select(image_of_row)
-        word_scores = torch.where(finished.unsqueeze(1), finished_scores[:, :words_kept], word_scores)
-        words = words.masked_fill(finished.unsqueeze(1), pad_id)
+        if block_trigrams:
+            log_probs = log_probs.masked_fill(_repeated_trigrams(history, log_probs.shape[1]), -torch.inf)
+        length = t + 1
+        ending = scores + log_probs[:, eos_id].view(images, beam_size)  # (images, beam_size) ends with <eos>
+        log_probs[:, eos_id] = -torch.inf
+        # no word outside a beam's own best ``beam_size`` can be among its image's best ``beam_size``
+        words_kept = min(beam_size, log_probs.shape[1])
+        word_scores, words = log_probs.topk(words_kept, dim=1)  # (rows, words_kept)
         candidates = (scores.view(rows, 1) + word_scores).view(images, beam_size * words_kept)
         scores, best = candidates.topk(beam_size, dim=1)  # (images, beam_size)
         origin = (row_offset + best // words_kept).view(rows)  # which row each new beam extends
         token = words.view(images, beam_size * words_kept).gather(1, best).view(rows)
-        state = tuple(part.index_select(1, origin) for part in state)
-        was_finished = finished[origin]
-        lengths = lengths[origin] + ~was_finished
-        finished = was_finished | (token == eos_id)
         steps.append(_BeamStep(origin, token, weights))
-        if finished.all():
+        # an <eos> outside the step's best ``beam_size`` would not have been in the beam (beam 1 stays greedy)
+        kept = torch.cat([ending, scores], dim=1).topk(beam_size, dim=1).values[:, -1:]  # (images, 1)
+        ending = ending.masked_fill(ending < kept, -torch.inf)
+        finished = finished.merge(_Finished(ending / length ** length_penalty, ending, torch.full_like(beam_rows, t),
+                                            beam_rows, torch.full_like(beam_rows, eos_id)))
+        if length == max_length:
+            finished = finished.merge(_Finished(scores / length ** length_penalty, scores,
+                                                torch.full_like(beam_rows, t), origin.view(images, beam_size),
+                                                token.view(images, beam_size)))
             break
-    ranking = scores / lengths.view(images, beam_size).clamp(min=1) ** length_penalty
-    chosen = (row_offset + ranking.topk(n_best, dim=1).indices).view(-1)  # (images * n_best,)
-    tokens, attention = _backtrack(steps, chosen, special)
-    return DecodedCaptions(tokens, scores.view(rows)[chosen], attention)
+        # sums only fall, so the best running one bounds them all, at its best final length
+        bound = torch.maximum(scores[:, 0] / (length + 1) ** length_penalty,
+                              scores[:, 0] / max_length ** length_penalty)  # (images,)
+        if (bound < finished.rank[:, -1]).all():
+            break
+        state = tuple(part.index_select(1, origin) for part in state)
+        if block_trigrams:
+            history = torch.cat([history[origin], token.unsqueeze(1)], dim=1)  # (rows, length)
+    tokens, attention = _backtrack(steps, finished, special)
+    return DecodedCaptions(tokens, finished.log_prob.view(-1), attention)
 
 
-def _backtrack(steps: list[_BeamStep], chosen: torch.Tensor, special: SpecialTokens
+def _repeated_trigrams(history: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(rows, vocab_size): True for the words that would end a trigram already in the row's ``history``."""
+    rows, length = history.shape
+    blocked = torch.zeros(rows, vocab_size, dtype=torch.long, device=history.device)
+    if length >= 3:
+        # trigram (history[j], history[j+1], history[j+2]) starts like the one the next word ends
+        repeats = (history[:, :-2] == history[:, -2:-1]) & (history[:, 1:-1] == history[:, -1:])  # (rows, length-2)
+        blocked.scatter_add_(1, history[:, 2:], repeats.long())
+    return blocked > 0
+
+
+def _backtrack(steps: list[_BeamStep], finished: _Finished, special: SpecialTokens
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The words (and attention) of the ``chosen`` final beams, following the backpointers once.
+    """The words (and attention) of the finished hypotheses, following the backpointers once.
 
     Reordering whole histories at every step would copy them ``max_length`` times instead.
     """
-    row = chosen  # (chosen,)
+    end_step, end_origin, end_token = (field.reshape(-1) for field in finished[2:])  # (chosen,)
+    row = torch.zeros_like(end_origin)
     words: list[torch.Tensor] = []
     attention: list[torch.Tensor] = []
-    for step in reversed(steps):
-        words.append(step.token[row])
-        row = step.origin[row]  # the row the word was predicted from
+    for t in reversed(range(len(steps))):
+        step, ends_here, done = steps[t], end_step == t, end_step < t
+        words.append(torch.where(ends_here, end_token, step.token[row]).masked_fill(done, special.pad))
+        row = torch.where(ends_here, end_origin, step.origin[row])  # the row the word was predicted from
         if step.weights is not None:
-            attention.append(step.weights[row])
+            attention.append(step.weights[row].masked_fill(done.unsqueeze(1), 0.0))
     if not words:
-        return torch.zeros(chosen.shape[0], 0, dtype=torch.long, device=chosen.device), None
+        return torch.zeros(end_step.shape[0], 0, dtype=torch.long, device=end_step.device), None
     tokens = torch.stack(words[::-1], dim=1)  # (chosen, steps)
-    is_eos = tokens == special.eos
-    after_eos = is_eos.cumsum(dim=1) > is_eos  # the beam had finished before this step
-    tokens = tokens.masked_fill(is_eos, special.pad)
+    tokens = tokens.masked_fill(tokens == special.eos, special.pad)
     if not attention:
         return tokens, None
-    weights = torch.stack(attention[::-1], dim=1)  # (chosen, steps, num_pixels)
-    return tokens, weights.masked_fill(after_eos.unsqueeze(2), 0.0)
+    return tokens, torch.stack(attention[::-1], dim=1)  # (chosen, steps, num_pixels)

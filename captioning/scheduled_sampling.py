@@ -18,7 +18,7 @@ class SamplingSchedule:
     """Probability of feeding a sampled word in epoch ``e`` (counted from 0), as
     ruotianluo/ImageCaptioning.pytorch's ``scheduled_sampling_*`` options set it (tools/train.py):
     0 up to ``start_epoch``, then ``increase_by * ((e - start_epoch) // increase_every)``, capped at
-    ``max_probability``; with the defaults, epochs 0-4 give 0, 5-9 give 0.05, 20 and later 0.25."""
+    ``max_probability``; with the defaults, epochs 0-4 give 0, 5-9 give 0.05, 25 and later 0.25."""
 
     start_epoch: int = 0
     increase_every: int = 5

@@ -67,6 +67,36 @@ def test_caption_captions_every_real_photo_in_a_folder(attention_checkpoint: Pat
     assert all(r["caption"] for r in results)
 
 
+@pytest.mark.slow
+def test_caption_n_best_lists_each_images_best_captions(attention_checkpoint: Path, tiny_shapes: Path,
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    photos = sorted((tiny_shapes / "images" / "test").iterdir())[:3]
+    files = [str(p) for p in photos]
+    output = tmp_path / "captions.json"
+    assert main([*files, "--checkpoint", str(attention_checkpoint), "--beam-size", "4", "--n-best", "3",
+                 "--format", "json", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert [r["file"] for r in results] == files
+    for result in results:
+        assert len(result["n_best"]) == 3
+        assert result["n_best"][0] == {"caption": result["caption"], "log_prob": result["log_prob"]}
+        log_probs = [entry["log_prob"] for entry in result["n_best"]]
+        assert all(p <= 0 for p in log_probs) and log_probs == sorted(log_probs, reverse=True)  # no length penalty
+    top = main([*files, "--checkpoint", str(attention_checkpoint), "--beam-size", "4", "--format", "json",
+                "--output", str(tmp_path / "top.json")])
+    assert top == 0 and json.loads((tmp_path / "top.json").read_text()) == [
+        {key: r[key] for key in ("file", "caption", "log_prob")} for r in results]
+
+    capsys.readouterr()
+    assert main([*files, "--checkpoint", str(attention_checkpoint), "--beam-size", "4", "--n-best", "3"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [(file, float(log_prob), caption) for file, log_prob, caption in lines] == [
+        (r["file"], pytest.approx(e["log_prob"], abs=1e-4), e["caption"]) for r in results for e in r["n_best"]]
+
+    assert main([files[0], "--checkpoint", str(attention_checkpoint), "--beam-size", "2", "--n-best", "3"]) == 2
+    assert "--n-best must be between 1 and the beam size (2), got 3" in capsys.readouterr().err
+
+
 def test_inputs_expand_folders_and_globs_in_order_without_duplicates(tmp_path: Path) -> None:
     for name in ("b.jpg", "a.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"")

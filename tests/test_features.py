@@ -180,6 +180,21 @@ def test_a_loader_of_another_size_than_the_key_is_refused(tiny_shapes: Path, tmp
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # no cache under the wrong key
 
 
+def test_features_beyond_the_stored_dtype_or_not_finite_are_refused(tiny_shapes: Path, tmp_path: Path) -> None:
+    encoder = CNNEncoder(**ENCODER).eval()
+    images, load = _train_images(tiny_shapes)[:2], DecodedPixels(IMAGE_SIZE)
+    with torch.no_grad():
+        encoder.stages[-1][-1].bn2.bias.fill_(1e6)  # outputs beyond float16's 65504
+    with pytest.raises(ValueError, match=r"reach 1e\+06, beyond float16's range .* data.feature_cache_dtype=float32"):
+        write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, progress=False)
+    assert write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, "float32", progress=False).tensor(
+        images[0].image_id).isfinite().all()
+    with torch.no_grad():
+        encoder.stages[-1][-1].bn2.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite .* check its weights"):
+        write_feature_cache(encoder, images, load, tmp_path, IMAGE_SIZE, "float32", progress=False)
+
+
 def test_a_trainable_encoder_cannot_be_cached(tiny_shapes: Path, tmp_path: Path) -> None:
     encoder = CNNEncoder(**{**ENCODER, "trainable_stages": 1})
     with pytest.raises(ValueError, match="trainable_stages=0"):

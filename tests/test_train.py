@@ -114,7 +114,9 @@ QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.lim
     ["model=show_tell", "model/decoder=show_tell", "model.decoder.tie_embeddings=true",
      "model/encoder=efficientnet_lite0", "model.encoder.trainable_stages=1", "model.encoder_lr=1e-4"],
     ["model=show_attend_tell", "model.beam_size=3", "model.decoder.context_encoder=birnn", "model.decoder.cell=gru",
-     "model.scheduled_sampling={start_epoch: 0, increase_every: 1, increase_by: 0.5, max_probability: 0.5}"],
+     # sampled words from the second epoch on (ruotianluo's schedule gives 0 in the start epoch)
+     "model.scheduled_sampling={start_epoch: 0, increase_every: 1, increase_by: 0.5, max_probability: 0.5}",
+     "trainer.max_epochs=2"],
     ["model=show_attend_tell", "model.encoder.trainable_stages=0", "data.feature_cache=true"],
 ], ids=["show_tell-gru", "show_tell-rnn", "show_tell-tied-efficientnet", "show_attend_tell-beam-sampling",
         "show_attend_tell-feature-cache"])

@@ -179,7 +179,10 @@ def _write(encoder: FeatureEncoder, images: list[CaptionedImage], load_pixels: C
                                      f"for {parameters['image_size']} px images: pass the loader's own size")
                 rows = encoder.feature_rows(pixels)  # (batch, 1 + k*k, dim)
                 device = str(rows.device)
-                rows = rows.to(dtype=dtype, device="cpu").numpy()
+                stored = rows.to(dtype=dtype, device="cpu")
+                if not stored.isfinite().all():
+                    raise ValueError(_not_finite(rows, stored, parameters["dtype"], images[good[0][0]]))
+                rows = stored.numpy()
                 if not shards:
                     shards = _open_shards(staging, len(images), shard_size, rows.shape[1:], rows.dtype)
                 for (position, _), features in zip(good, rows):
@@ -211,6 +214,16 @@ def _write(encoder: FeatureEncoder, images: list[CaptionedImage], load_pixels: C
              sum(record["bytes"] for record in files.values()) / 1e9)
     mention_other_caches(target, "feature caches")
     return manifest
+
+
+def _not_finite(rows: torch.Tensor, stored: torch.Tensor, dtype: str, first: CaptionedImage) -> str:
+    """Why a batch of features cannot be stored: NaN/inf from the encoder, or values beyond the dtype's range."""
+    where = f"the batch starting with image {first.image_id} ({first.path})"
+    if not rows.isfinite().all():
+        return (f"the encoder gave non-finite (NaN or inf) features for {where}: check its weights "
+                "(model.encoder.weights / weights_path) before caching them")
+    return (f"the encoder's features for {where} reach {rows.abs().max().item():.3g}, beyond {dtype}'s range "
+            f"(a randomly initialised CNN in eval mode does this): set data.feature_cache_dtype=float32")
 
 
 def _open_shards(staging: Path, count: int, shard_size: int, row_shape: tuple[int, ...],

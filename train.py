@@ -6,7 +6,6 @@ checkpoint; ``python train.py train=false ckpt_path=X`` only scores checkpoint X
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -41,24 +40,32 @@ os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
 def main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` (a validation metric, e.g. val/best_CIDEr) for hyperparameter sweepers."""
     from captioning.config import ConfigError
+    from captioning.module import CheckpointMismatchError
 
     try:
         metrics = run(cfg)
-    except ConfigError as error:  # a setting no component accepts: its name and the valid ones, no traceback
+    except (ConfigError, CheckpointMismatchError) as error:  # a setting's fault: say which, no traceback
         Console(stderr=True).print(f"[red]error:[/red] {error}")
         sys.exit(2)
-    return metrics.get(cfg.optimized_metric)
+    if cfg.optimized_metric not in metrics:
+        raise KeyError(f"optimized_metric={cfg.optimized_metric!r} was not produced by this run; it has "
+                       f"{sorted(metrics)} (val/best_<metric> comes from callbacks.model_checkpoint.monitor)")
+    return metrics[cfg.optimized_metric]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit and/or test as ``cfg`` says; returns the final metrics (also written to metrics.json)."""
     from captioning.config import check_config
+    from captioning.data.files import write_json
 
     if not cfg.train and not cfg.ckpt_path:
         raise ValueError("train=false needs ckpt_path=<checkpoint to evaluate>")
     if cfg.get("init_from") and cfg.ckpt_path:
         raise ValueError("init_from starts a new run from a checkpoint's weights and ckpt_path resumes one exactly: "
                          "give one of them")
+    for key in ("init_from", "ckpt_path"):  # found missing now, not after the data is prepared
+        if cfg.get(key) and not Path(cfg[key]).is_file():
+            raise FileNotFoundError(f"{key}={cfg[key]} is not a file")
     check_config(cfg)
     import pytorch_lightning as pl
 
@@ -81,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(run_config, resolve=True))
     if trainer.is_global_zero:
-        _write_json(output_dir / "data_splits.json", datamodule.split_image_ids())
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / "data_splits.json", datamodule.split_image_ids())
 
     metrics: dict[str, float] = {}
     if cfg.train:
@@ -90,16 +98,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics |= _best_validation(trainer)
     if not cfg.test:
         if trainer.is_global_zero:
-            _write_json(output_dir / "metrics.json", metrics)
+            write_json(output_dir / "metrics.json", metrics)
         return metrics
 
     trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer))
     metrics = {**_best_validation(trainer), **model.test_metrics}  # the evaluator's float64 numbers
     if trainer.is_global_zero:
         metrics |= _leave_one_out(datamodule.references("test"), model.test_captions)
-        _write_json(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "metrics.json", metrics)
         results = [{"image_id": i, "caption": caption} for i, caption in sorted(model.test_captions.items())]
-        _write_json(output_dir / "test_captions.json", results)
+        write_json(output_dir / "test_captions.json", results)
         _print_table(metrics)
         log.info("outputs in %s", output_dir)
     return metrics
@@ -119,6 +127,8 @@ def _leave_one_out(references: dict[int, list[str]], captions: dict[int, str]) -
 
     with CocoCaptionEvaluator(references) as evaluator:
         result = evaluator.leave_one_out(captions)
+    if result is None:  # no test image has 5 references (logged)
+        return {}
     return ({f"human_loo/{name}": value for name, value in result.human.items()}
             | {f"model_loo/{name}": value for name, value in result.model.items()})
 
@@ -145,11 +155,6 @@ def _checkpoint_to_test(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
         log.warning("no best checkpoint was saved (no validation?): testing the final weights")
         return None
     return best
-
-
-def _write_json(path: Path, content: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=1))
 
 
 def _print_table(metrics: dict[str, float]) -> None:

@@ -77,7 +77,7 @@ class Captioner:
     def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int, beam_size: int = 3,
                  max_length: int = 20, device: str | torch.device = "cpu", n_best: int = 1,
                  length_penalty: float = 0.0, block_trigrams: bool = False, allow_unk: bool = False,
-                 min_length: int = 1) -> None:
+                 min_length: int = 1) -> None:  # an empty caption helps no one
         if not 1 <= n_best <= beam_size:
             raise ValueError(f"--n-best must be between 1 and the beam size ({beam_size}), got {n_best}: "
                              f"ask for --beam-size {max(n_best, 2)} or more to get {n_best} captions per image")
@@ -117,8 +117,7 @@ class Captioner:
                    resolve_device(device), n_best,
                    length_penalty if length_penalty is not None else settings.get("length_penalty", 0.0),
                    block_trigrams if block_trigrams is not None else settings.get("block_trigrams", False),
-                   settings.get("allow_unk", False),
-                   max(1, settings.get("min_decode_length", 1)))  # an empty caption helps no one
+                   settings.get("allow_unk", False))
 
     def caption(self, images: Sequence[str | Path], batch_size: int = 16) -> list[CaptionResult]:
         """Captions for image files, in order; a bad file raises ``BadImageError``."""
@@ -155,7 +154,7 @@ class Captioner:
     def _caption_tensors(self, images: torch.Tensor, names: list[str]) -> list[CaptionResult]:
         features = self.model.encode(images.to(self.device))
         decoder, vocab = self.model.decoder, self.vocab
-        if self.beam_size > 1:
+        if self.beam_size > 1 or self.block_trigrams:  # a beam of 1 is greedy, with the blocking
             decoded: DecodedCaptions = beam_search(
                 decoder, features, vocab.bos_id, vocab.eos_id, self.max_length, self.beam_size, vocab.pad_id,
                 min_length=self.min_length, length_penalty=self.length_penalty, n_best=self.n_best,

@@ -75,10 +75,16 @@ def _check_optimization(model: DictConfig) -> None:
     try:
         optimizer = instantiate(optimizer_node)(params=[torch.nn.Parameter(torch.zeros(1))])
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.optimizer ({optimizer_node.get('_target_')}) cannot be built: {error}") from None
+        raise ConfigError(f"model.optimizer ({_settings(optimizer_node)}) cannot be built: {error}") from None
     if not scheduler_node:
         return
     try:
         instantiate(scheduler_node)(optimizer=optimizer)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.scheduler ({scheduler_node.get('_target_')}) cannot be built: {error}") from None
+        raise ConfigError(f"model.scheduler ({_settings(scheduler_node)}) cannot be built: {error}") from None
+
+
+def _settings(node: DictConfig) -> str:
+    """``Target(key=value, ...)``: the values a user set, so a refused one can be found."""
+    values = ", ".join(f"{key}={node[key]}" for key in node if key not in HYDRA_KEYS)
+    return f"{node.get('_target_')}({values})"

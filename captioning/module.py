@@ -29,6 +29,10 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit this model or this run's vocabulary (``init_from``)."""
+
+
 class CaptioningModule(pl.LightningModule):
     """Teacher-forced training with masked cross-entropy; validation/test generate and score captions.
 
@@ -121,7 +125,7 @@ class CaptioningModule(pl.LightningModule):
             self._record_losses(batch, features)
         vocab, hparams = self.vocab, self.hparams
         unk_id = None if hparams.allow_unk else vocab.unk_id
-        if hparams.beam_size > 1:
+        if hparams.beam_size > 1 or hparams.block_trigrams:  # a beam of 1 is greedy, with the blocking
             decoded = beam_search(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
                                   hparams.max_decode_length, hparams.beam_size, vocab.pad_id,
                                   length_penalty=hparams.length_penalty, unk_id=unk_id,
@@ -251,22 +255,23 @@ class CaptioningModule(pl.LightningModule):
         a message naming it.
         """
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        where = f"init_from={checkpoint_path}"
         saved_vocab = list(checkpoint.get("hyper_parameters", {}).get("vocab") or [])
         if saved_vocab != self.vocab.tokens:
-            raise ValueError(f"init_from={checkpoint_path}: {_first_vocab_difference(saved_vocab, self.vocab.tokens)}; "
-                             "use the data config and data.min_word_count the checkpoint was trained with")
+            raise CheckpointMismatchError(f"{where}: {_first_vocab_difference(saved_vocab, self.vocab.tokens)}; use "
+                                          "the data config and data.min_word_count the checkpoint was trained with")
         saved, own = checkpoint["state_dict"], self.state_dict()
+        other_architecture = "(another encoder or decoder architecture)"
         for name, tensor in own.items():
             if name not in saved:
-                raise ValueError(f"init_from={checkpoint_path}: the checkpoint has no tensor {name} "
-                                 "(another encoder or decoder architecture)")
+                raise CheckpointMismatchError(f"{where}: the checkpoint has no tensor {name} {other_architecture}")
             if saved[name].shape != tensor.shape:
-                raise ValueError(f"init_from={checkpoint_path}: tensor {name} is {tuple(saved[name].shape)} in the "
-                                 f"checkpoint but {tuple(tensor.shape)} in this model")
+                raise CheckpointMismatchError(f"{where}: tensor {name} is {tuple(saved[name].shape)} in the "
+                                              f"checkpoint but {tuple(tensor.shape)} in this model")
         extra = sorted(set(saved) - set(own))
         if extra:
-            raise ValueError(f"init_from={checkpoint_path}: the checkpoint's tensor {extra[0]} has no place in this "
-                             "model (another encoder or decoder architecture)")
+            raise CheckpointMismatchError(f"{where}: the checkpoint's tensor {extra[0]} has no place in this model "
+                                          f"{other_architecture}")
         self.load_state_dict(saved)
         log.info("initialised the model from %s (weights only)", checkpoint_path)
 

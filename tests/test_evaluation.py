@@ -88,8 +88,8 @@ def test_leave_one_out_scores_human_and_model_against_the_same_references(
     with CocoCaptionEvaluator({1: ["a red circle"] * 5, 2: ["two blue squares"] * 6}) as unanimous:
         agreed = unanimous.leave_one_out({1: "a red circle", 2: "two blue squares"})
     assert agreed.human == agreed.model and agreed.human["ROUGE_L"] == pytest.approx(1.0)
-    with CocoCaptionEvaluator(references) as evaluator, pytest.raises(ValueError, match="nothing to score"):
-        evaluator.leave_one_out({3: "a green star"})
+    with CocoCaptionEvaluator(references) as evaluator:
+        assert evaluator.leave_one_out({3: "a green star"}) is None  # too few references: nothing to compare
 
 
 def test_unknown_image_ids_and_empty_results_are_refused() -> None:

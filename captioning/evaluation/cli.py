@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from captioning.data.files import write_json
 from captioning.evaluation.coco import CocoCaptionEvaluator
 
 
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
         result = evaluator.score(captions)
         loo = evaluator.leave_one_out(captions) if args.leave_one_out else None
+    if args.leave_one_out and loo is None:
+        console.print(f"[red]error:[/red] --leave-one-out needs images with at least 5 references; none of the "
+                      f"{len(captions)} scored images in {args.annotations} has that many")
+        return 2
     table = Table(title=f"{len(captions)} captions scored against {args.annotations.name}")
     table.add_column("metric")
     table.add_column("score", justify="right")
@@ -132,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics |= {f"human_loo/{name}": value for name, value in loo.human.items()}
         metrics |= {f"model_loo/{name}": value for name, value in loo.model.items()}
     if args.output:
-        args.output.write_text(json.dumps(metrics, indent=2))
+        write_json(args.output, metrics)
     if args.per_image:
-        args.per_image.write_text(json.dumps({str(i): scores for i, scores in result.per_image.items()}, indent=1))
+        write_json(args.per_image, {str(i): scores for i, scores in result.per_image.items()})
     return 0
 
 

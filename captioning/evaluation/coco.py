@@ -153,7 +153,7 @@ class CocoCaptionEvaluator:
         references = self.tokenized_references()
         return self._score_tokenized({i: references[i] for i in image_ids}, results)
 
-    def leave_one_out(self, captions: Mapping[int, str]) -> LeaveOneOut:
+    def leave_one_out(self, captions: Mapping[int, str]) -> LeaveOneOut | None:
         """Human and model scored against the same references, in five leave-one-out rounds.
 
         Humans can only be scored against the references they are not part of, so a fair comparison
@@ -170,7 +170,8 @@ class CocoCaptionEvaluator:
           from the references of the whole call, as in ``COCOEvalCap``);
         - each metric is the mean of its five corpus-level round scores.
 
-        Both sides therefore always cover the same images and the same references. References are
+        Both sides therefore always cover the same images and the same references; None (with a
+        warning) when no image has five references, e.g. a dataset of one caption per image. References are
         tokenized once per evaluator and the captions once per call; METEOR (and SPICE) score every
         round in the background while the Python scorers work.
         """
@@ -181,8 +182,10 @@ class CocoCaptionEvaluator:
             log.info("leave-one-out: %d of %d images have fewer than %d references and are left out",
                      len(image_ids) - len(kept), len(image_ids), LEAVE_ONE_OUT_ROUNDS)
         if not kept:
-            raise ValueError(f"no image in the captions has {LEAVE_ONE_OUT_ROUNDS} references: "
-                             "leave-one-out has nothing to score")
+            log.warning("leave-one-out skipped: none of the %d images has %d references (the human side needs "
+                        "one candidate and the same references as the model in each of %d rounds)",
+                        len(image_ids), LEAVE_ONE_OUT_ROUNDS, LEAVE_ONE_OUT_ROUNDS)
+            return None
         model = dict(zip(kept, ([c] for c in self._tokenize([captions[i] for i in kept]))))
         rounds = self._score_groups([({i: references[i][:r] + references[i][r + 1:] for i in kept},
                                        [{i: [references[i][r]] for i in kept}, model])

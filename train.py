@@ -40,11 +40,10 @@ os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
 def main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` (a validation metric, e.g. val/best_CIDEr) for hyperparameter sweepers."""
     from captioning.config import ConfigError
-    from captioning.module import CheckpointMismatchError
 
     try:
         metrics = run(cfg)
-    except (ConfigError, CheckpointMismatchError) as error:  # a setting's fault: say which, no traceback
+    except ConfigError as error:  # a setting's fault (or a checkpoint that does not fit it): say which
         Console(stderr=True).print(f"[red]error:[/red] {error}")
         sys.exit(2)
     if cfg.optimized_metric not in metrics:

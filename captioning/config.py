@@ -14,14 +14,15 @@ import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
-from captioning.models.captioner import DECODERS
-from captioning.models.encoders import CNNEncoder
-
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
 class ConfigError(ValueError):
     """A setting that no component accepts."""
+
+
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint (``init_from``) that does not fit the configured model or this run's vocabulary."""
 
 
 def _parameters(target: Callable[..., Any]) -> set[str] | None:
@@ -42,15 +43,24 @@ def _check(node: Mapping[str, Any], accepted: set[str] | None, where: str, owner
 
 
 def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", "trainer")) -> None:
-    """Raise ``ConfigError`` for any key of an instantiated section its target does not accept."""
+    """Raise ``ConfigError`` for any key of an instantiated section its target does not accept.
+
+    The optimizer and scheduler come first: they need torch alone, so their errors come in about
+    two seconds; the sections' targets import Lightning, torchvision and the models.
+    """
+    model = cfg.get("model")
+    if model is not None:
+        _check_optimization(model)
     for section in sections:
         node = cfg.get(section)
         if node is None or "_target_" not in node:
             continue
         target = get_method(node["_target_"])
         _check(node, _parameters(target), section, node["_target_"])
-    model = cfg.get("model")
     if model is not None:
+        from captioning.models.captioner import DECODERS
+        from captioning.models.encoders import CNNEncoder
+
         _check(model.get("encoder") or {}, _parameters(CNNEncoder), "model.encoder", "CNNEncoder")
         decoder = dict(model.get("decoder") or {})
         kind = decoder.pop("type", "show_tell")
@@ -59,7 +69,6 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
         accepted = _parameters(DECODERS[kind])
         _check(decoder, None if accepted is None else accepted - {"vocab_size", "encoder_dim"}, "model.decoder",
                DECODERS[kind].__name__)
-        _check_optimization(model)
 
 
 def _check_optimization(model: DictConfig) -> None:

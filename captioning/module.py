@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
+from captioning.config import CheckpointMismatchError
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
 from captioning.data.vocab import Vocabulary
@@ -27,10 +28,6 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not fit this model or this run's vocabulary (``init_from``)."""
 
 
 class CaptioningModule(pl.LightningModule):

@@ -46,10 +46,15 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:  # a setting's fault (or a checkpoint that does not fit it): say which
         Console(stderr=True).print(f"[red]error:[/red] {error}")
         sys.exit(2)
-    if cfg.optimized_metric not in metrics:
-        raise KeyError(f"optimized_metric={cfg.optimized_metric!r} was not produced by this run; it has "
-                       f"{sorted(metrics)} (val/best_<metric> comes from callbacks.model_checkpoint.monitor)")
-    return metrics[cfg.optimized_metric]
+    return optimized_metric(metrics, cfg.optimized_metric)
+
+
+def optimized_metric(metrics: dict[str, float], name: str) -> float:
+    """The number a sweeper maximises; a name the run did not produce is an error, not a silent None."""
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not produced by this run; it has {sorted(metrics)} "
+                       "(val/best_<metric> comes from callbacks.model_checkpoint.monitor)")
+    return metrics[name]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

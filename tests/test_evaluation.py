@@ -256,6 +256,16 @@ def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_
         assert completed.returncode == 2, name
         assert message in " ".join(completed.stdout.split()), (name, completed.stdout)
 
+    one_reference = tmp_path / "one_reference.json"  # leave-one-out needs 5 references per image
+    coco = json.loads(annotation_file.read_text())
+    first = {}
+    for annotation in coco["annotations"]:
+        first.setdefault(annotation["image_id"], annotation)
+    one_reference.write_text(json.dumps({**coco, "annotations": list(first.values())}))
+    completed = _run_cli(str(results_file), "--annotations", str(one_reference), "--leave-one-out")
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert "--leave-one-out needs images with at least 5 references" in " ".join(completed.stdout.split())
+
     _without_java(monkeypatch, tmp_path)
     completed = _run_cli(str(results_file), "--annotations", str(annotation_file))
     assert completed.returncode == 0, completed.stderr

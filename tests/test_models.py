@@ -9,6 +9,7 @@ from captioning.losses import masked_cross_entropy
 from captioning.models.backbones import (IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_classifier,
                                           packaged_lite0_weights)
 from captioning.models.captioner import build_captioner
+from captioning.models.decoders import ShowTellDecoder
 from captioning.models.encoders import CNNEncoder
 
 VOCAB = 12
@@ -142,3 +143,15 @@ def test_offline_efficientnet_lite0_recognises_a_cat_and_an_espresso() -> None:
             torch.testing.assert_close(classifier(normalised), classifier.classifier(features))
     assert predictions["chelsea"] in IMAGENET_CATS
     assert predictions["coffee"] == ESPRESSO
+
+
+def test_im2txt_initialisation_draws_weights_uniformly_and_biases_the_forget_gate() -> None:
+    decoder = ShowTellDecoder(vocab_size=30, encoder_dim=8, embed_dim=16, hidden_size=12, init_scale=0.08)
+    weights = [p for name, p in decoder.named_parameters() if not name.rpartition(".")[2].startswith("bias")]
+    assert all(p.abs().max() <= 0.08 for p in weights) and max(p.abs().max() for p in weights) > 0.07
+    assert torch.equal(decoder.embedding.weight[0], torch.zeros(16))  # <pad> stays zero
+    input_bias = decoder.rnn.bias_ih_l0  # gates: input, forget, cell, output
+    assert torch.equal(input_bias[12:24], torch.ones(12)) and not input_bias[:12].any()
+    assert not decoder.rnn.bias_hh_l0.any() and not decoder.output.projection.bias.any()
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        ShowTellDecoder(vocab_size=30, encoder_dim=8, init_scale=0.0)

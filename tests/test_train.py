@@ -103,6 +103,13 @@ def test_evaluating_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
         train.run(_config(tmp_path, tmp_path / "data", ["train=false"]))
 
 
+@pytest.mark.parametrize("key", ["init_from", "ckpt_path"])
+def test_a_missing_checkpoint_is_named_before_any_data_is_prepared(tmp_path: Path, key: str) -> None:
+    with pytest.raises(FileNotFoundError, match=f"{key}=.*nowhere.ckpt is not a file"):
+        train.run(_config(tmp_path, tmp_path / "data", [f"{key}={tmp_path / 'nowhere.ckpt'}"]))
+    assert not (tmp_path / "data").exists()  # refused before the shapes data was generated
+
+
 QUICK = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
          "+trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0"]
 
@@ -249,3 +256,9 @@ def test_a_sweep_optimises_validation_and_never_scores_the_test_split(tmp_path: 
         assert not (trial / "test_captions.json").exists()
     results = (sweep_dir / "optimization_results.yaml").read_text()
     assert "best_value" in results
+
+
+def test_an_optimized_metric_the_run_did_not_produce_is_named() -> None:
+    assert train.optimized_metric({"val/best_CIDEr": 1.5}, "val/best_CIDEr") == 1.5
+    with pytest.raises(KeyError, match=r"optimized_metric='val/best_Bleu_4' was not produced .*val/best_CIDEr"):
+        train.optimized_metric({"val/best_CIDEr": 1.5}, "val/best_Bleu_4")

@@ -7,16 +7,21 @@ checkpoint; ``python train.py train=false ckpt_path=X`` only scores checkpoint X
 from __future__ import annotations
 
 import logging
+import math
 import os
+import secrets
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -34,18 +39,25 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 # conf/paths resolves the project root (and so data/ and logs/) from this, when the config is composed
 os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
+# conf/hydra names each run's folder <date>_<time>_<this tag>: runs started in the same second never share one
+os.environ["CAPTIONING_RUN_TAG"] = f"{os.getpid()}-{secrets.token_hex(2)}"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` (a validation metric, e.g. val/best_CIDEr) for hyperparameter sweepers."""
+    from captioning.checkpoints import CheckpointError
     from captioning.config import ConfigError
 
     try:
         metrics = run(cfg)
-    except ConfigError as error:  # a setting's fault (or a checkpoint that does not fit it): say which
-        Console(stderr=True).print(f"[red]error:[/red] {error}")
+    # a setting's fault (a checkpoint that does not fit it or cannot be read, a learning rate that made
+    # training diverge: NonFiniteTrainingError): say which
+    except (ConfigError, CheckpointError) as error:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)  # paths stay whole
         sys.exit(2)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:  # only a sweeper reads it; train=false validates nothing
+        return metrics.get(cfg.optimized_metric)
     return optimized_metric(metrics, cfg.optimized_metric)
 
 
@@ -59,6 +71,7 @@ def optimized_metric(metrics: dict[str, float], name: str) -> float:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit and/or test as ``cfg`` says; returns the final metrics (also written to metrics.json)."""
+    from captioning.checkpoints import check_finite, describe, load_checkpoint
     from captioning.config import check_config
     from captioning.data.files import write_json
 
@@ -67,9 +80,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from") and cfg.ckpt_path:
         raise ValueError("init_from starts a new run from a checkpoint's weights and ckpt_path resumes one exactly: "
                          "give one of them")
-    for key in ("init_from", "ckpt_path"):  # found missing now, not after the data is prepared
-        if cfg.get(key) and not Path(cfg[key]).is_file():
-            raise FileNotFoundError(f"{key}={cfg[key]} is not a file")
+    # read now, not after the data is prepared, and as data only: Lightning reads ckpt_path itself (with
+    # weights_only=True, below), but a URL, a pickle that needs code or a damaged file never reaches it
+    for key in ("init_from", "ckpt_path"):
+        if cfg.get(key):
+            checkpoint = load_checkpoint(cfg[key], f"{key}=", lightning=key == "ckpt_path",
+                                         resume=key == "ckpt_path" and cfg.train)
+            check_finite(checkpoint, describe(cfg[key], f"{key}="))
+            del checkpoint
     check_config(cfg)
     import pytorch_lightning as pl
 
@@ -97,24 +115,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         metrics |= _best_validation(trainer)
     if not cfg.test:
         if trainer.is_global_zero:
-            write_json(output_dir / "metrics.json", metrics)
+            write_json(output_dir / "metrics.json", _strict_json(metrics))
         return metrics
 
-    trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer))
+    trainer.test(model, datamodule=datamodule, ckpt_path=_checkpoint_to_test(cfg, trainer), weights_only=True)
     metrics = {**_best_validation(trainer), **model.test_metrics}  # the evaluator's float64 numbers
     if trainer.is_global_zero:
         metrics |= _leave_one_out(datamodule.references("test"), model.test_captions)
-        write_json(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "metrics.json", _strict_json(metrics))
         results = [{"image_id": i, "caption": caption} for i, caption in sorted(model.test_captions.items())]
         write_json(output_dir / "test_captions.json", results)
         _print_table(metrics)
         log.info("outputs in %s", output_dir)
     return metrics
+
+
+def _strict_json(metrics: dict[str, float]) -> dict[str, float | None]:
+    """The metrics for metrics.json: a NaN or infinite one (which JSON cannot hold) is written as null, and named."""
+    bad = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if bad:
+        log.warning("metrics that are not finite numbers, written as null in metrics.json: %s", ", ".join(bad))
+    return {name: value if math.isfinite(value) else None for name, value in metrics.items()}
 
 
 def _best_validation(trainer: pl.Trainer) -> dict[str, float]:

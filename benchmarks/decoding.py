@@ -1,6 +1,6 @@
 """Decoding speed: captions/s for greedy and beam search, batched vs one image at a time.
 
-The same ``beam_search`` runs on the whole batch and, as the reference, on each image alone; the
+The same ``generate`` settings run on the whole batch and, as the reference, on each image alone; the
 outputs must be identical (tokens equal, log-probabilities to 1e-4, attention weights to 1e-5). Each
 timing is the fastest of ``--repeats`` runs, which keeps a busy machine's hiccups out of both sides.
 Prints a table and writes JSON (``--json FILE``).
@@ -17,11 +17,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from captioning.decoding import DecodedCaptions, beam_search, greedy_decode
-from captioning.models.decoders import ShowAttendTellDecoder
+from captioning.decoding import DecodedCaptions, GenerationSettings, SpecialTokens, generate
+from captioning.models.decoders import PreparedImages, ShowAttendTellDecoder
 from captioning.models.encoders import EncodedImages
 
-BOS, EOS = 1, 2
+TOKENS = SpecialTokens(bos=1, eos=2)  # no <unk>: every word may be generated
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,7 +54,7 @@ def timed(run: Callable[[], DecodedCaptions], device: str, repeats: int) -> tupl
     return result, fastest
 
 
-def one_at_a_time(decode: Callable[[EncodedImages], DecodedCaptions], features: EncodedImages) -> DecodedCaptions:
+def one_at_a_time(decode: Callable[[PreparedImages], DecodedCaptions], features: PreparedImages) -> DecodedCaptions:
     """The same strategy on each image alone; rows padded to a common width."""
     singles = [decode(features.select(torch.tensor([i], device=features.global_features.device)))
                for i in range(features.global_features.shape[0])]
@@ -88,10 +88,11 @@ def main() -> None:
     decoder.to(args.device)
     grid = torch.randn(args.images, args.grid_size ** 2, args.encoder_dim, device=args.device)
     features = decoder.prepare(EncodedImages(grid.mean(dim=1), grid))
-    strategies: dict[str, Callable[[EncodedImages], DecodedCaptions]] = {
-        "greedy": lambda f: greedy_decode(decoder, f, BOS, EOS, args.max_length)}
+    settings = {"greedy": GenerationSettings(max_length=args.max_length)}
     for k in args.beam_sizes:
-        strategies[f"beam{k}"] = lambda f, k=k: beam_search(decoder, f, BOS, EOS, args.max_length, beam_size=k)
+        settings[f"beam{k}"] = GenerationSettings("beam", beam_size=k, max_length=args.max_length)
+    strategies: dict[str, Callable[[PreparedImages], DecodedCaptions]] = {
+        name: lambda f, chosen=chosen: generate(decoder, f, TOKENS, chosen) for name, chosen in settings.items()}
     rows, results = [], {"images": args.images, "device": args.device, "vocab_size": args.vocab_size,
                          "max_length": args.max_length, "repeats": args.repeats, "identical_outputs": True}
     for name, decode in strategies.items():

@@ -6,10 +6,12 @@
     from captioning.caption import Captioner
     results = Captioner.from_checkpoint("best.ckpt").caption(["a.jpg", "b.jpg"])
 
-The checkpoint carries the vocabulary, the model settings (decoding ones included: length penalty,
-trigram blocking, whether ``<unk>`` may be generated) and the input size, and is read with
-``torch.load(weights_only=True)``. Unreadable images are reported on stderr and skipped; the
-others are still captioned, and the exit status says that something failed.
+The checkpoint carries the vocabulary, the model settings (decoding ones included: beam size,
+length penalty, trigram blocking, whether ``<unk>`` may be generated) and the input size, and is
+read with ``torch.load(weights_only=True)``. Without flags, images are captioned exactly as the
+run's validation decoded (the same ``GenerationSettings``, built by the same function); flags
+override single settings. Unreadable images are reported on stderr and skipped; the others are
+still captioned, and the exit status says that something failed.
 """
 
 import argparse
@@ -20,21 +22,23 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from rich.progress import track
 
+from captioning.checkpoints import check_finite, describe, load_checkpoint
 from captioning.data.datasets import IMAGE_EXTENSIONS
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.tokenize import detokenize
 from captioning.data.transforms import build_image_transform
 from captioning.data.vocab import Vocabulary
-from captioning.decoding import DecodedCaptions, beam_search, greedy_decode
+from captioning.decoding import GenerationSettings, generate
 from captioning.models.captioner import EncoderDecoder, build_captioner
 
 log = logging.getLogger(__name__)
@@ -72,52 +76,41 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Captioner:
-    """A trained model with its vocabulary and input size, ready to caption image files."""
+    """A trained model with its vocabulary, input size and decoding settings, ready to caption image files."""
 
-    def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int, beam_size: int = 3,
-                 max_length: int = 20, device: str | torch.device = "cpu", n_best: int = 1,
-                 length_penalty: float = 0.0, block_trigrams: bool = False, allow_unk: bool = False,
-                 min_length: int = 1) -> None:  # an empty caption helps no one
-        if not 1 <= n_best <= beam_size:
-            raise ValueError(f"--n-best must be between 1 and the beam size ({beam_size}), got {n_best}: "
-                             f"ask for --beam-size {max(n_best, 2)} or more to get {n_best} captions per image")
+    def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int,
+                 generation: GenerationSettings | None = None, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.transform = build_image_transform(image_size)
-        self.beam_size, self.max_length, self.min_length, self.n_best = beam_size, max_length, min_length, n_best
-        self.length_penalty, self.block_trigrams = length_penalty, block_trigrams
-        self.unk_id = None if allow_unk else vocab.unk_id
+        self.generation = generation or GenerationSettings()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", beam_size: int | None = None,
-                        max_length: int | None = None, n_best: int = 1, length_penalty: float | None = None,
+                        max_length: int | None = None, n_best: int | None = None, length_penalty: float | None = None,
                         block_trigrams: bool | None = None) -> "Captioner":
         """Rebuild the model from a training checkpoint (no other file, no download).
 
-        Decoding settings not given here are the training run's, as its validation decoded.
+        Decoding settings not given here (None) are the training run's: without any, captions are
+        the ones its validation would generate for the same images.
         """
+        checkpoint = load_checkpoint(path)  # a local file only, read as data (weights_only); errors name the file
+        check_finite(checkpoint, describe(path))  # a diverged run's weights would caption "figures figures ..."
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         settings = checkpoint.get("hyper_parameters")
         if not settings or "vocab" not in settings or "state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a captioning checkpoint (no hyper_parameters.vocab / state_dict)")
         vocab = Vocabulary(settings["vocab"])
+        generation = _generation_settings(settings, beam_size=beam_size, max_length=max_length, n_best=n_best,
+                                          length_penalty=length_penalty, block_trigrams=block_trigrams)
         # the checkpoint holds every weight: build the encoder without loading (or downloading) any
         encoder = {**settings["encoder"], "weights": None, "weights_path": None}
         model = build_captioner(len(vocab), encoder, settings["decoder"])
         state = {key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
                  if key.startswith(MODEL_PREFIX)}
         model.load_state_dict(state)
-        return cls(model, vocab, settings.get("image_size") or 224,
-                   beam_size if beam_size is not None else max(3, settings.get("beam_size", 1)),
-                   max_length if max_length is not None else settings.get("max_decode_length", 20),
-                   resolve_device(device), n_best,
-                   length_penalty if length_penalty is not None else settings.get("length_penalty", 0.0),
-                   block_trigrams if block_trigrams is not None else settings.get("block_trigrams", False),
-                   settings.get("allow_unk", False))
+        return cls(model, vocab, settings.get("image_size") or 224, generation, resolve_device(device))
 
     def caption(self, images: Sequence[str | Path], batch_size: int = 16) -> list[CaptionResult]:
         """Captions for image files, in order; a bad file raises ``BadImageError``."""
@@ -153,18 +146,11 @@ class Captioner:
     @torch.no_grad()
     def _caption_tensors(self, images: torch.Tensor, names: list[str]) -> list[CaptionResult]:
         features = self.model.encode(images.to(self.device))
-        decoder, vocab = self.model.decoder, self.vocab
-        if self.beam_size > 1 or self.block_trigrams:  # a beam of 1 is greedy, with the blocking
-            decoded: DecodedCaptions = beam_search(
-                decoder, features, vocab.bos_id, vocab.eos_id, self.max_length, self.beam_size, vocab.pad_id,
-                min_length=self.min_length, length_penalty=self.length_penalty, n_best=self.n_best,
-                unk_id=self.unk_id, block_trigrams=self.block_trigrams)
-        else:
-            decoded = greedy_decode(decoder, features, vocab.bos_id, vocab.eos_id, self.max_length, vocab.pad_id,
-                                    min_length=self.min_length, unk_id=self.unk_id)
+        vocab, per_image = self.vocab, self.generation.n_best
+        decoded = generate(self.model.decoder, features, vocab, self.generation)
         results = []
         for image, name in enumerate(names):
-            rows = range(image * self.n_best, (image + 1) * self.n_best)  # image-major, best first
+            rows = range(image * per_image, (image + 1) * per_image)  # image-major, best first
             n_best = [(detokenize(vocab.decode(decoded.tokens[row].tolist())), float(decoded.log_probs[row]))
                       for row in rows]
             words = vocab.decode(decoded.tokens[rows[0]].tolist())
@@ -175,6 +161,17 @@ class Captioner:
                 attention = weights.reshape(len(words), grid, grid)
             results.append(CaptionResult(name, n_best[0][0], n_best[0][1], words, attention, n_best))
         return results
+
+
+def _generation_settings(hparams: Mapping[str, Any], n_best: int | None, **overrides: Any) -> GenerationSettings:
+    """The checkpoint's decoding with the given flags; ``--n-best`` is checked here to name the flag to raise."""
+    generation = GenerationSettings.from_hparams(hparams, **overrides)
+    if n_best is None:
+        return generation
+    if not 1 <= n_best <= generation.beam_size:
+        raise ValueError(f"--n-best must be between 1 and the beam size ({generation.beam_size}), got {n_best}: "
+                         f"ask for --beam-size {max(n_best, 2)} or more to get {n_best} captions per image")
+    return replace(generation, n_best=n_best)
 
 
 def save_attention_map(result: CaptionResult, output: Path) -> None:
@@ -245,7 +242,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="caption", description="Caption images with a trained checkpoint.")
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--beam-size", type=int, help="1: greedy (default: the larger of 3 and the training one)")
+    parser.add_argument("--beam-size", type=int, help="1: greedy (default: the training one, as validation decoded)")
     parser.add_argument("--max-length", type=int, help="most words per caption (default: the training one)")
     parser.add_argument("--n-best", type=int, help="the K best captions per image, with log-probabilities "
                                                    "(K <= beam size)")
@@ -269,8 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("caption: no image found in the given inputs", file=sys.stderr)
         return 2
     try:
-        captioner = Captioner.from_checkpoint(args.checkpoint, args.device, args.beam_size, args.max_length,
-                                              args.n_best or 1, args.length_penalty, args.block_trigrams)
+        captioner = Captioner.from_checkpoint(args.checkpoint, args.device, beam_size=args.beam_size,
+                                              max_length=args.max_length, n_best=args.n_best,
+                                              length_penalty=args.length_penalty, block_trigrams=args.block_trigrams)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"caption: {error}", file=sys.stderr)
         return 2

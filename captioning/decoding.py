@@ -1,19 +1,27 @@
-"""Caption decoding strategies, written once against the decoder step interface.
+"""Caption generation: one entry point, ``generate(decoder, features, tokens, settings)``, and the
+strategies behind it, written once against the decoder step interface (``CaptionDecoder``).
 
+Validation/test, the ``caption`` CLI and ``Captioner`` all call ``generate`` with a
+``GenerationSettings``, so they cannot decode differently for the same settings.
 Every strategy returns token ids with ``<eos>`` and everything after it as ``<pad>``, the sum of
 the chosen words' log-probabilities (``<eos>`` included) and, for attention decoders, the
 attention weights behind every generated word. ``<pad>`` and ``<bos>`` are never generated, nor is
 ``<unk>`` when its id is given.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
-from torch import nn
 
+from captioning.models.decoders import CaptionDecoder, PreparedImages
 from captioning.models.encoders import EncodedImages
+
+Images = EncodedImages | PreparedImages  # the encoder's outputs, or the decoder's prepared ones
+Strategy = Literal["greedy", "beam", "sample"]
+STRATEGIES: tuple[Strategy, ...] = ("greedy", "beam", "sample")
 
 
 @dataclass
@@ -25,12 +33,127 @@ class DecodedCaptions:
     attention: torch.Tensor | None = None  # (rows, max_generated, num_pixels)
 
 
+class TokenIds(Protocol):
+    """The special token ids of a vocabulary (``captioning.data.vocab.Vocabulary`` has them)."""
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def unk_id(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     bos: int
     eos: int
     pad: int = 0
     unk: int | None = None  # None: <unk> may be generated
+
+    @classmethod
+    def of(cls, ids: "SpecialTokens | TokenIds") -> "SpecialTokens":
+        """A vocabulary's special tokens (``<unk>`` included: ``GenerationSettings.allow_unk`` decides)."""
+        if isinstance(ids, SpecialTokens):
+            return ids
+        return cls(ids.bos_id, ids.eos_id, ids.pad_id, ids.unk_id)
+
+
+# a CaptioningModule hyperparameter -> the GenerationSettings field it sets (names kept for old checkpoints)
+HPARAM_FIELDS = {"beam_size": "beam_size", "max_decode_length": "max_length", "length_penalty": "length_penalty",
+                 "block_trigrams": "block_trigrams", "allow_unk": "allow_unk"}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How captions are generated, in one object, so every caller that holds the same one decodes alike.
+
+    ``strategy``: ``greedy`` (the most probable word; with ``block_trigrams``, a beam of 1), ``beam``
+    (``beam_size`` hypotheses, ``n_best`` captions per image, ranked by log-probability /
+    length ** ``length_penalty``) or ``sample`` (``temperature``, ``top_k``; 0 keeps every word).
+    ``min_length`` words come before ``<eos>`` may: 1 by default, since an empty caption helps no one.
+    ``allow_unk`` lets ``<unk>`` be generated.
+    """
+
+    strategy: Strategy = "greedy"
+    beam_size: int = 1
+    n_best: int = 1
+    max_length: int = 20
+    min_length: int = 1
+    length_penalty: float = 0.0
+    block_trigrams: bool = False
+    allow_unk: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _check_int("beam_size", self.beam_size, 1)
+        if self.beam_size > 1 and self.strategy != "beam":
+            raise ValueError(f"beam_size={self.beam_size} needs strategy='beam' (strategy is {self.strategy!r})")
+        _check_int("n_best", self.n_best, 1, self.beam_size, f"beam_size={self.beam_size}")
+        _check_int("max_length", self.max_length, 1)
+        _check_int("min_length", self.min_length, 0, self.max_length, f"max_length={self.max_length}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (strategy='greedy' takes the "
+                             "most probable word)")
+        _check_int("top_k", self.top_k, 0)
+        if self.strategy != "sample" and (self.temperature != 1.0 or self.top_k != 0):
+            raise ValueError(f"temperature and top_k apply to strategy='sample' only, got temperature="
+                             f"{self.temperature}, top_k={self.top_k} with strategy={self.strategy!r}")
+        if self.strategy == "sample" and self.block_trigrams:
+            raise ValueError("block_trigrams works with strategy 'greedy' or 'beam', not 'sample'")
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any], **overrides: Any) -> "GenerationSettings":
+        """The decoding a training run validated with, from its ``CaptioningModule`` hyperparameters (as a
+        checkpoint stores them), with ``overrides`` by field name (None keeps the run's value).
+
+        The module and ``Captioner.from_checkpoint`` both build their settings here. Without a
+        ``strategy`` override, a ``beam_size`` above 1 means beam search and 1 greedy decoding.
+        """
+        unknown = sorted(set(overrides) - {field.name for field in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generation settings {unknown}; valid: {[f.name for f in fields(cls)]}")
+        values = {name: hparams[key] for key, name in HPARAM_FIELDS.items() if hparams.get(key) is not None}
+        values |= {name: value for name, value in overrides.items() if value is not None}
+        values.setdefault("strategy", "beam" if values.get("beam_size", 1) > 1 else "greedy")
+        return cls(**values)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None, high_name: str | None = None) -> None:
+    """``low <= value`` (``<= high`` too when given), naming the field and the valid range."""
+    valid = f">= {low}" if high is None else f"between {low} and {high_name or high}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer {valid}, got {value!r}")
+
+
+def generate(decoder: CaptionDecoder, features: Images, tokens: SpecialTokens | TokenIds,
+             settings: GenerationSettings, generator: torch.Generator | None = None) -> DecodedCaptions:
+    """Captions for every image by ``settings``: ``settings.n_best`` rows per image, image-major, best first.
+
+    ``tokens``: a vocabulary or its ``SpecialTokens``. ``generator`` draws the words of ``sample``.
+    """
+    special = SpecialTokens.of(tokens)
+    if settings.allow_unk:
+        special = replace(special, unk=None)
+    common = {"bos_id": special.bos, "eos_id": special.eos, "pad_id": special.pad, "unk_id": special.unk,
+              "max_length": settings.max_length, "min_length": settings.min_length}
+    if settings.strategy == "beam" or settings.block_trigrams:  # a beam of 1 is greedy, with the blocking
+        return beam_search(decoder, features, beam_size=settings.beam_size, length_penalty=settings.length_penalty,
+                           n_best=settings.n_best, block_trigrams=settings.block_trigrams, **common)
+    if settings.strategy == "sample":
+        return sample_decode(decoder, features, temperature=settings.temperature, top_k=settings.top_k,
+                             generator=generator, **common)
+    return greedy_decode(decoder, features, **common)
 
 
 def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: bool) -> torch.Tensor:
@@ -81,7 +204,7 @@ class _Finished(NamedTuple):
 
 
 @torch.no_grad()
-def _decode_one_path(decoder: nn.Module, features: EncodedImages, special: SpecialTokens, max_length: int,
+def _decode_one_path(decoder: CaptionDecoder, features: Images, special: SpecialTokens, max_length: int,
                      min_length: int, choose: Chooser) -> DecodedCaptions:
     """One word per step per image, picked by ``choose``, until ``<eos>`` or ``max_length`` words."""
     features = decoder.prepare(features)
@@ -106,14 +229,14 @@ def _decode_one_path(decoder: nn.Module, features: EncodedImages, special: Speci
     return _finish(words, total, attention, special)
 
 
-def greedy_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
+def greedy_decode(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id: int, max_length: int,
                   pad_id: int = 0, min_length: int = 0, unk_id: int | None = None) -> DecodedCaptions:
     """The most probable word at every step."""
     return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id, unk_id), max_length, min_length,
                             lambda log_probs: log_probs.argmax(dim=-1))
 
 
-def sample_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
+def sample_decode(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id: int, max_length: int,
                   pad_id: int = 0, min_length: int = 0, temperature: float = 1.0, top_k: int = 0,
                   generator: torch.Generator | None = None, unk_id: int | None = None) -> DecodedCaptions:
     """Words drawn from the model's distribution, sharpened by ``temperature`` and cut to the ``top_k``.
@@ -135,7 +258,7 @@ def sample_decode(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_
 
 
 @torch.no_grad()
-def beam_search(decoder: nn.Module, features: EncodedImages, bos_id: int, eos_id: int, max_length: int,
+def beam_search(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id: int, max_length: int,
                 beam_size: int = 3, pad_id: int = 0, min_length: int = 0, length_penalty: float = 0.0,
                 n_best: int = 1, unk_id: int | None = None, block_trigrams: bool = False) -> DecodedCaptions:
     """Beam search over all images and beams at once (one decoder call per step).

@@ -11,17 +11,17 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
+from captioning.checkpoints import check_finite, describe, load_checkpoint
 from captioning.config import CheckpointMismatchError
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
 from captioning.data.vocab import Vocabulary
-from captioning.decoding import beam_search, greedy_decode
+from captioning.decoding import GenerationSettings, generate
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_predictions
 from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
 from captioning.models.captioner import build_captioner
-from captioning.models.decoders import DecoderOutput
-from captioning.models.encoders import EncodedImages
+from captioning.models.decoders import DecoderOutput, PreparedImages
 from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ class CaptioningModule(pl.LightningModule):
     rebuilds the model (``torch.load(..., weights_only=True)`` reads it: plain types only).
     ``attention_penalty`` weighs the doubly-stochastic attention loss (attention decoders only);
     ``encoder_lr`` gives the encoder's trainable stages their own learning rate; ``beam_size`` 1
-    decodes greedily during validation/test, more uses batched beam search. ``image_size`` records
+    decodes greedily during validation/test, more uses batched beam search. The decoding
+    hyperparameters make ``generation`` (``GenerationSettings.from_hparams``, which
+    ``Captioner.from_checkpoint`` calls too, so the CLI decodes as validation did). ``image_size`` records
     the input size the model was trained at, for captioning new images from the checkpoint alone.
     ``logged_samples`` validation images go to TensorBoard each epoch with their captions.
     ``allow_unk`` lets decoding generate ``<unk>`` (never, by default); ``block_trigrams`` stops beam
@@ -71,6 +73,7 @@ class CaptioningModule(pl.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
         self.vocab = Vocabulary(vocab)
         self.captioner = build_captioner(len(self.vocab), encoder, decoder)
+        self.generation = GenerationSettings.from_hparams(self.hparams)  # checked now, not at the first validation
         self.sampling_schedule = SamplingSchedule(**scheduled_sampling) if scheduled_sampling else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler or None  # model/scheduler=none composes to an empty node
@@ -95,7 +98,7 @@ class CaptioningModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.tokens.shape[0])
         return loss
 
-    def encode_batch(self, batch: CaptionBatch) -> EncodedImages:
+    def encode_batch(self, batch: CaptionBatch) -> PreparedImages:
         """The batch's images through the encoder, or its cached encoder features, ready for the decoder."""
         if batch.features is not None:
             return self.captioner.encode_cached(batch.features)
@@ -120,16 +123,7 @@ class CaptioningModule(pl.LightningModule):
         features = self.encode_batch(batch)
         if batch.tokens.numel():
             self._record_losses(batch, features)
-        vocab, hparams = self.vocab, self.hparams
-        unk_id = None if hparams.allow_unk else vocab.unk_id
-        if hparams.beam_size > 1 or hparams.block_trigrams:  # a beam of 1 is greedy, with the blocking
-            decoded = beam_search(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
-                                  hparams.max_decode_length, hparams.beam_size, vocab.pad_id,
-                                  length_penalty=hparams.length_penalty, unk_id=unk_id,
-                                  block_trigrams=hparams.block_trigrams)
-        else:
-            decoded = greedy_decode(self.captioner.decoder, features, vocab.bos_id, vocab.eos_id,
-                                    hparams.max_decode_length, vocab.pad_id, unk_id=unk_id)
+        decoded = generate(self.captioner.decoder, features, self.vocab, self.generation)
         for image_id, tokens in zip(batch.image_ids.tolist(), decoded.tokens.tolist()):
             self._predictions[image_id] = tokens
         if stage == "val" and batch_idx == 0:
@@ -137,7 +131,7 @@ class CaptioningModule(pl.LightningModule):
             images = batch.images[:keep].cpu() if batch.images is not None else [None] * keep  # features: text only
             self._samples = list(zip(batch.image_ids[:keep].tolist(), images))
 
-    def _record_losses(self, batch: CaptionBatch, features: EncodedImages) -> None:
+    def _record_losses(self, batch: CaptionBatch, features: PreparedImages) -> None:
         """Each image's summed reference NLL and word count, kept by image id (a DDP sampler's
         padding repeats images; the id counts them once)."""
         output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
@@ -240,7 +234,7 @@ class CaptioningModule(pl.LightningModule):
 
     def load_encoder_weights(self, checkpoint_path: str | os.PathLike) -> None:
         """Only the encoder's weights from a checkpoint of this model (e.g. to compute its cached features)."""
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_checkpoint(checkpoint_path)["state_dict"]  # local file, data only; errors name the file
         prefix = "captioner.encoder."
         self.captioner.encoder.load_state_dict(
             {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)})
@@ -251,8 +245,9 @@ class CaptioningModule(pl.LightningModule):
         The vocabulary and every tensor's name and shape must match; the first mismatch stops with
         a message naming it.
         """
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        where = f"init_from={checkpoint_path}"
+        checkpoint = load_checkpoint(checkpoint_path, "init_from=")  # local file, data only; errors name the file
+        where = describe(checkpoint_path, "init_from=")
+        check_finite(checkpoint, where)
         saved_vocab = list(checkpoint.get("hyper_parameters", {}).get("vocab") or [])
         if saved_vocab != self.vocab.tokens:
             raise CheckpointMismatchError(f"{where}: {_first_vocab_difference(saved_vocab, self.vocab.tokens)}; use "
@@ -273,6 +268,9 @@ class CaptioningModule(pl.LightningModule):
         log.info("initialised the model from %s (weights only)", checkpoint_path)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning read the file (train.py validated it with load_checkpoint first); a diverged run's
+        # weights are refused here too, whoever called the trainer
+        check_finite(checkpoint, "the checkpoint being restored")
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")
         if saved is not None and list(saved) != self.vocab.tokens:
             raise ValueError(f"{_first_vocab_difference(list(saved), self.vocab.tokens)}: evaluate the checkpoint "

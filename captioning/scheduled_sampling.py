@@ -7,9 +7,8 @@ Written against the decoder step interface, so it works for every decoder. It st
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from captioning.models.decoders import DecoderOutput
+from captioning.models.decoders import CaptionDecoder, DecoderOutput, PreparedImages
 from captioning.models.encoders import EncodedImages
 
 
@@ -32,8 +31,8 @@ class SamplingSchedule:
         return min(self.max_probability, increases * self.increase_by)
 
 
-def scheduled_sampling_forward(decoder: nn.Module, features: EncodedImages, tokens: torch.Tensor,
-                               lengths: torch.Tensor, probability: float,
+def scheduled_sampling_forward(decoder: CaptionDecoder, features: EncodedImages | PreparedImages,
+                               tokens: torch.Tensor, lengths: torch.Tensor, probability: float,
                                generator: torch.Generator | None = None) -> DecoderOutput:
     """Like ``decoder(features, tokens, lengths)``, but each input word after ``<bos>`` is, with
     ``probability``, a word sampled from the model's previous prediction (no gradient through it)."""

@@ -97,6 +97,28 @@ def test_caption_n_best_lists_each_images_best_captions(attention_checkpoint: Pa
     assert "--n-best must be between 1 and the beam size (2), got 3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("run_overrides", "flags"), [
+    ([], []),  # no flag: the checkpoint's own decoding (greedy here), as its validation ran
+    (["model.beam_size=3", "model.length_penalty=0.7"], ["--beam-size", "3", "--length-penalty", "0.7"]),
+], ids=["greedy", "beam3-length_penalty0.7"])
+def test_the_caption_cli_captions_as_validation_does(attention_checkpoint: Path, tiny_shapes: Path, tmp_path: Path,
+                                                     run_overrides: list[str], flags: list[str]) -> None:
+    """One generation path: for the same checkpoint, images and settings, the test run's captions are the CLI's."""
+    train.run(_config(tmp_path / "eval", tiny_shapes.parent,
+                      ["train=false", f"ckpt_path={attention_checkpoint}", *run_overrides]))
+    written = json.loads((tmp_path / "eval" / "test_captions.json").read_text())
+    evaluated = {r["image_id"]: r["caption"] for r in written}
+    images = json.loads((tiny_shapes / "annotations" / "captions_test.json").read_text())["images"]
+    files = {image["id"]: str(tiny_shapes / "images" / "test" / image["file_name"]) for image in images}
+    assert sorted(evaluated) == sorted(files)  # every test image
+    output = tmp_path / "captions.json"
+    assert main([*files.values(), "--checkpoint", str(attention_checkpoint), *flags, "--format", "json",
+                 "--output", str(output), "--batch-size", "5"]) == 0
+    captioned = {r["file"]: r["caption"] for r in json.loads(output.read_text())}
+    assert {files[image_id]: caption for image_id, caption in evaluated.items()} == captioned
+
+
 def test_inputs_expand_folders_and_globs_in_order_without_duplicates(tmp_path: Path) -> None:
     for name in ("b.jpg", "a.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"")

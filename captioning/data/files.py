@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -58,10 +59,32 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write then rename, so a reader sees the old file or the whole new one."""
+    """Write then rename, so a reader sees the old file or the whole new one.
+
+    Strict JSON only: a NaN or an infinity (which ``json`` would write as the non-JSON ``NaN``) is
+    refused with a ``ValueError`` naming the file, and nothing is written.
+    """
+    try:
+        text = json.dumps(data, indent=1, allow_nan=False)
+    except ValueError:
+        where = _nonfinite_entry(data)
+        raise ValueError(f"{path} is not written: {where or 'a value'} is not a finite number, which strict JSON "
+                         "cannot hold (a diverged run, e.g. a learning rate too high, produces such numbers)") from None
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
+    partial.write_text(text)
     os.replace(partial, path)
+
+
+def _nonfinite_entry(data: Any, where: str = "") -> str | None:
+    """Where the first NaN/infinity of ``data`` is, e.g. ``['val/loss'] (nan)``; None if none."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'the value'} ({data})"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list | tuple) else ()
+    for key, value in items:
+        found = _nonfinite_entry(value, f"{where}[{key!r}]")
+        if found:
+            return found
+    return None
 
 
 def read_json(path: Path) -> Any:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioning.models.decoders import DecoderOutput, ShowAttendTellDecoder, ShowTellDecoder
+from captioning.models.decoders import DecoderOutput, PreparedImages, ShowAttendTellDecoder, ShowTellDecoder
 from captioning.models.encoders import CNNEncoder, EncodedImages
 
 DECODERS: dict[str, type[nn.Module]] = {"show_tell": ShowTellDecoder, "show_attend_tell": ShowAttendTellDecoder}
@@ -28,11 +28,11 @@ class EncoderDecoder(nn.Module):
         """
         return self.decoder(self.encode(images).select(caption_image_index), tokens, lengths)
 
-    def encode(self, images: torch.Tensor) -> EncodedImages:
+    def encode(self, images: torch.Tensor) -> PreparedImages:
         """Encoder outputs with the decoder's per-image work done: ready for ``step`` and decoding."""
         return self.decoder.prepare(self.encoder(images))
 
-    def encode_cached(self, rows: torch.Tensor) -> EncodedImages:
+    def encode_cached(self, rows: torch.Tensor) -> PreparedImages:
         """``encode`` for the encoder's cached outputs (``CNNEncoder.feature_rows``), e.g. float16 from disk."""
         return self.decoder.prepare(EncodedImages.from_rows(rows.to(self.encoder.mean.dtype)))
 

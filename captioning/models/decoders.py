@@ -1,18 +1,19 @@
-"""Recurrent caption decoders behind one step interface.
+"""Recurrent caption decoders behind one step interface, ``CaptionDecoder``.
 
 Every decoder offers
 
-- ``prepare(features)``: per-image work done once (attention keys, a context encoder); the
-  features given to ``init_state`` and ``step`` must come from it;
-- ``init_state(features)``: the state from which the first word (after ``<bos>``) is predicted;
-- ``step(tokens, state, features) -> (logits, state, attention or None)``: one word per row;
+- ``prepare(features) -> PreparedImages``: per-image work done once (a context encoder, attention
+  keys); ``init_state`` and ``step`` take what it returns;
+- ``init_state(prepared)``: the state from which the first word (after ``<bos>``) is predicted;
+- ``step(tokens, state, prepared) -> (logits, state, attention or None)``: one word per row;
 - ``forward(features, tokens, lengths) -> DecoderOutput``: teacher forcing over whole captions;
 
 so each decoding strategy is written once. A state is a tuple of tensors shaped
 ``(num_layers, batch, hidden_size)``: ``(h,)`` or ``(h, c)``; strategies reorder it along dim 1.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,24 @@ RNN_CELLS: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRU
 CONDITIONS = ("input", "state", "every_step")
 
 
+@dataclass
+class PreparedImages:
+    """The decoder's per-image inputs, computed once by ``prepare`` and shared by every step and beam.
+
+    Separate from the encoder's ``EncodedImages`` because it depends on the decoder's weights
+    (a BiGRU over the grid, attention's projection), so it is neither cached nor produced by the encoder.
+    """
+
+    global_features: torch.Tensor  # (batch, encoder_dim)
+    annotations: torch.Tensor | None = None  # (batch, num_pixels, annotation_dim): the grid, or its BiGRU encoding
+    keys: torch.Tensor | None = None  # (batch, num_pixels, attention_dim): attention's projection of the annotations
+
+    def select(self, index: torch.Tensor | slice) -> "PreparedImages":
+        """Rows ``index`` (e.g. one per caption, or one per beam)."""
+        return PreparedImages(*(None if part is None else part[index]
+                                for part in (self.global_features, self.annotations, self.keys)))
+
+
 class DecoderOutput(NamedTuple):
     """Teacher-forced outputs; rows and steps follow the input captions.
 
@@ -39,6 +58,24 @@ class DecoderOutput(NamedTuple):
 
     logits: torch.Tensor  # (batch, max_len - 1, vocab_size), predicting tokens[:, 1:]
     attention: torch.Tensor | None  # (batch, max_len - 1, num_pixels) for attention decoders
+
+
+class CaptionDecoder(Protocol):
+    """The step interface every decoder offers; decoding strategies and scheduled sampling use only this."""
+
+    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
+        """Per-image work, done once; already prepared images come back as they are."""
+
+    def init_state(self, features: PreparedImages) -> State:
+        """The state that predicts the first word (after ``<bos>``)."""
+
+    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
+             ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """tokens (batch,) -> logits (batch, vocab_size), the new state, attention (batch, num_pixels) or None."""
+
+    def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
+                lengths: torch.Tensor) -> DecoderOutput:
+        """Teacher-forced logits for ``tokens[:, 1:]``."""
 
 
 def _check_cell(cell: str) -> None:
@@ -134,10 +171,13 @@ class ShowTellDecoder(nn.Module):
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
         uniform_init_(self, init_scale)
 
-    def prepare(self, features: EncodedImages) -> EncodedImages:
-        return features
+    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
+        """The global vector is all this decoder reads."""
+        if isinstance(features, PreparedImages):
+            return features
+        return PreparedImages(features.global_features)
 
-    def init_state(self, features: EncodedImages) -> State:
+    def init_state(self, features: PreparedImages) -> State:
         batch = features.global_features.shape[0]
         if self.condition == "every_step":
             zeros = features.global_features.new_zeros(self.num_layers, batch, self.hidden_size)
@@ -149,15 +189,17 @@ class ShowTellDecoder(nn.Module):
         parts = torch.tanh(image).view(batch, -1, self.num_layers, self.hidden_size)
         return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
 
-    def step(self, tokens: torch.Tensor, state: State, features: EncodedImages
+    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, None]:
         """tokens (batch,) -> logits (batch, vocab_size)."""
         embedded = self._inputs(tokens.unsqueeze(1), features)  # (batch, 1, rnn_input)
         output, state = self._run(embedded, state)  # (batch, 1, hidden_size)
         return self.output(self.dropout(output.squeeze(1))), state, None
 
-    def forward(self, features: EncodedImages, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
+                lengths: torch.Tensor) -> DecoderOutput:
         """Packed sequences keep the RNN off the padding."""
+        features = self.prepare(features)
         inputs = self._inputs(tokens[:, :-1], features)  # (batch, max_len - 1, rnn_input)
         steps = lengths - 1
         if self.condition == "input":
@@ -175,7 +217,7 @@ class ShowTellDecoder(nn.Module):
         logits[real] = self.output(self.dropout(hidden[real]))  # (words, vocab_size): none for padding
         return DecoderOutput(logits, None)  # (batch, max_len - 1, vocab_size)
 
-    def _inputs(self, tokens: torch.Tensor, features: EncodedImages) -> torch.Tensor:
+    def _inputs(self, tokens: torch.Tensor, features: PreparedImages) -> torch.Tensor:
         """Word embeddings (batch, steps, embed_dim), with the image beside each one for "every_step"."""
         embedded = self.embedding(tokens)
         if self.condition == "every_step":
@@ -239,27 +281,28 @@ class ShowAttendTellDecoder(nn.Module):
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
         uniform_init_(self, init_scale)
 
-    def prepare(self, features: EncodedImages) -> EncodedImages:
+    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
+        """The annotations (the grid, or its BiRNN encoding) and their attention keys, once per image."""
+        if isinstance(features, PreparedImages):
+            return features
         if features.grid_features is None:
             raise ValueError("the attention decoder needs grid features: set model.encoder.grid_size (e.g. 14)")
-        if features.keys is not None:
-            return features
-        grid = features.grid_features  # (batch, num_pixels, encoder_dim)
+        annotations = features.grid_features  # (batch, num_pixels, encoder_dim)
         if self.context is not None:
-            grid = self.context(grid)  # (batch, num_pixels, annotation_dim)
-        return EncodedImages(features.global_features, grid, self.attention.project(grid))
+            annotations = self.context(annotations)  # (batch, num_pixels, annotation_dim)
+        return PreparedImages(features.global_features, annotations, self.attention.project(annotations))
 
-    def init_state(self, features: EncodedImages) -> State:
-        batch = features.grid_features.shape[0]
-        mean_annotation = features.grid_features.mean(dim=1)  # (batch, annotation_dim)
+    def init_state(self, features: PreparedImages) -> State:
+        batch = features.annotations.shape[0]
+        mean_annotation = features.annotations.mean(dim=1)  # (batch, annotation_dim)
         parts = self.init_projection(mean_annotation).view(batch, -1, self.num_layers, self.hidden_size)
         return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
 
-    def step(self, tokens: torch.Tensor, state: State, features: EncodedImages
+    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """tokens (batch,) -> logits (batch, vocab_size), attention weights (batch, num_pixels)."""
         hidden = state[0]  # (layers, batch, hidden_size)
-        context, weights = self.attention(features.grid_features, features.keys, hidden[-1])
+        context, weights = self.attention(features.annotations, features.keys, hidden[-1])
         if self.gate is not None:
             context = torch.sigmoid(self.gate(hidden[-1])) * context  # (batch, annotation_dim)
         layer_input = torch.cat([self.embedding(tokens), context], dim=1)  # (batch, embed_dim + annotation_dim)
@@ -275,7 +318,8 @@ class ShowAttendTellDecoder(nn.Module):
         new_state = tuple(torch.stack(part) for part in new_parts)
         return self.output(layer_input), new_state, weights
 
-    def forward(self, features: EncodedImages, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
+                lengths: torch.Tensor) -> DecoderOutput:
         features = self.prepare(features)
         steps = lengths - 1  # words each caption predicts
         order = torch.argsort(steps, descending=True)
@@ -284,9 +328,9 @@ class ShowAttendTellDecoder(nn.Module):
         state = self.init_state(features)
         batch, max_steps = tokens.shape[0], tokens.shape[1] - 1
         vocab_size = self.embedding.num_embeddings
-        logits = tokens.new_zeros(batch, max_steps, vocab_size, dtype=features.grid_features.dtype)
-        attention = tokens.new_zeros(batch, max_steps, features.grid_features.shape[1],
-                                     dtype=features.grid_features.dtype)
+        logits = tokens.new_zeros(batch, max_steps, vocab_size, dtype=features.annotations.dtype)
+        attention = tokens.new_zeros(batch, max_steps, features.annotations.shape[1],
+                                     dtype=features.annotations.dtype)
         positions = torch.arange(max_steps, device=steps.device)
         active_per_step = (sorted_steps.unsqueeze(0) > positions.unsqueeze(1)).sum(1).tolist()
         for t, active in enumerate(active_per_step):  # captions still running form a prefix

@@ -19,18 +19,17 @@ from captioning.models.backbones import Backbone, build_backbone
 class EncodedImages:
     """What the encoder gives the decoder: one vector per image and, optionally, a spatial grid.
 
-    ``keys`` is decoder-side work that depends only on the image (attention's projection of the
-    grid): ``decoder.prepare`` fills it once, so decoding steps and beams do not redo it.
+    Only the encoder's own outputs (what the feature cache stores); the decoder's per-image work
+    lives in its ``PreparedImages`` (``captioning.models.decoders``).
     """
 
     global_features: torch.Tensor  # (batch, encoder_dim)
     grid_features: torch.Tensor | None  # (batch, grid_size * grid_size, encoder_dim)
-    keys: torch.Tensor | None = None  # (batch, grid_size * grid_size, attention_dim)
 
-    def select(self, index: torch.Tensor) -> "EncodedImages":
-        """Rows ``index`` (e.g. one per caption, or one per beam)."""
-        return EncodedImages(*(None if part is None else part[index]
-                               for part in (self.global_features, self.grid_features, self.keys)))
+    def select(self, index: torch.Tensor | slice) -> "EncodedImages":
+        """Rows ``index`` (e.g. one per caption)."""
+        return EncodedImages(self.global_features[index],
+                             None if self.grid_features is None else self.grid_features[index])
 
     def rows(self) -> torch.Tensor:
         """The encoder outputs as one tensor, as the feature cache stores them: global row first, then the grid."""

@@ -1,0 +1,392 @@
+"""Hostile and careless inputs: every one ends as a clear error naming its culprit, a counted skip, or
+correct handling; never code run from a checkpoint, a NaN "best" checkpoint, or a shared run folder."""
+
+import http.server
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from captioning.callbacks import NonFiniteGuard, NonFiniteTrainingError
+from captioning.caption import Captioner, main as caption_main
+from captioning.checkpoints import CheckpointError, CheckpointNotFoundError, load_checkpoint
+from captioning.data.files import write_json
+from tests.conftest import PROJECT_ROOT
+from tests.test_train import QUICK, TINY_OVERRIDES, TINY_SHAPES_OVERRIDES, _config
+import train
+
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "circle"]
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a malicious checkpoint would do (here harmlessly)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.marker), "w")
+
+
+def _one_line(text: str) -> str:
+    """stderr as one line: rich wraps long messages at the terminal width."""
+    return " ".join(text.split())
+
+
+# ---- the files: each maker writes one kind of bad checkpoint and returns its path ----
+
+def _random_bytes(folder: Path) -> Path:
+    path = folder / "random.ckpt"
+    path.write_bytes(os.urandom(4096))
+    return path
+
+
+def _truncated(folder: Path) -> Path:
+    whole = folder / "whole.ckpt"
+    torch.save({"hyper_parameters": {"vocab": VOCAB}, "state_dict": {"w": torch.ones(64, 64)}}, whole)
+    path = folder / "truncated.ckpt"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return path
+
+
+def _empty(folder: Path) -> Path:
+    path = folder / "empty.ckpt"
+    path.write_bytes(b"")
+    return path
+
+
+def _plain_state_dict(folder: Path) -> Path:
+    path = folder / "weights.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+    return path
+
+
+def _directory(folder: Path) -> Path:
+    path = folder / "checkpoints"
+    path.mkdir()
+    return path
+
+
+def _missing(folder: Path) -> Path:
+    return folder / "nowhere.ckpt"
+
+
+def _pickle_with_code(folder: Path) -> Path:
+    path = folder / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": _Payload(folder / "PAYLOAD_RAN")}, protocol=2))
+    return path
+
+
+def _torch_zip_with_code(folder: Path) -> Path:
+    path = folder / "evil_zip.ckpt"
+    torch.save({"hyper_parameters": {}, "state_dict": _Payload(folder / "PAYLOAD_RAN")}, path)
+    return path
+
+
+BAD_FILES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "random_bytes": (_random_bytes, "is not a torch checkpoint file"),
+    "truncated": (_truncated, "is truncated or damaged"),
+    "empty": (_empty, "is empty (0 bytes)"),
+    "plain_state_dict": (_plain_state_dict, "is a plain state_dict, not a captioning checkpoint"),
+    "directory": (_directory, "is a directory, not a checkpoint file"),
+    "missing": (_missing, "is not a file"),
+    "pickle_with_code": (_pickle_with_code, "a checkpoint is data, never code (it asks for io.open)"),
+    "torch_zip_with_code": (_torch_zip_with_code, "a checkpoint is data, never code (it asks for io.open)"),
+}
+
+
+def _assert_refused(message: str, path: Path, expected: str, folder: Path) -> None:
+    message = _one_line(message)
+    assert str(path) in message and expected in message, message
+    assert "weights_only=False" not in message and "Traceback" not in message
+    assert not (folder / "PAYLOAD_RAN").exists()  # the pickle's payload never ran
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_the_loader_names_the_file_and_what_is_wrong(tmp_path: Path, kind: str) -> None:
+    make, expected = BAD_FILES[kind]
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    _assert_refused(str(caught.value), path, expected, tmp_path)
+    assert isinstance(caught.value, FileNotFoundError) == (kind == "missing")
+
+
+def test_the_malicious_pickle_would_run_if_unpickled_fully(tmp_path: Path) -> None:
+    """The control: the payload the other tests expect never to run does run under a plain pickle.load."""
+    path = _pickle_with_code(tmp_path)
+    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))", str(path)],
+                   check=True, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert (tmp_path / "PAYLOAD_RAN").exists()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/best.ckpt", "https://example.org/best.ckpt",
+                                 "s3://bucket/best.ckpt", "hf://user/model/best.ckpt", "file:///tmp/best.ckpt"])
+def test_a_url_is_refused_with_how_to_load_it(url: str) -> None:
+    with pytest.raises(CheckpointError, match="is a URL: only local files are loaded.*download it first and pass "
+                                              "the local path") as caught:
+        load_checkpoint(url)
+    assert url in str(caught.value)
+
+
+@pytest.mark.parametrize("key", ["ckpt_path", "init_from"])
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_train_refuses_a_bad_checkpoint_before_preparing_data(tmp_path: Path, kind: str, key: str) -> None:
+    make, expected = BAD_FILES[kind]
+    path = make(tmp_path)
+    overrides = [f"{key}={path}"] + (["train=false"] if key == "ckpt_path" else [])
+    with pytest.raises(CheckpointError) as caught:
+        train.run(_config(tmp_path / "run", tmp_path / "data", overrides))
+    _assert_refused(str(caught.value), path, expected, tmp_path)
+    assert f"{key}={path}" in str(caught.value)
+    assert not (tmp_path / "data").exists()  # refused before the shapes data was generated
+
+
+def _train_py(*overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize(("kind", "key"), [("random_bytes", "ckpt_path"), ("plain_state_dict", "ckpt_path"),
+                                           ("truncated", "init_from"), ("directory", "init_from")])
+def test_train_py_says_what_is_wrong_with_a_checkpoint_without_a_traceback(tmp_path: Path, kind: str,
+                                                                           key: str) -> None:
+    make, expected = BAD_FILES[kind]
+    path = make(tmp_path)
+    completed = _train_py(f"{key}={path}", *(["train=false"] if key == "ckpt_path" else []),
+                          f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}")
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    _assert_refused(completed.stderr, path, expected, tmp_path)
+
+
+class _PickleServer(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def log_message(self, *args: object) -> None:
+        type(self).requests.append(self.path)
+
+
+@pytest.fixture
+def pickle_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A local HTTP server serving a malicious checkpoint; yields its URL and the folder of the marker."""
+    served = tmp_path / "served"
+    served.mkdir()
+    _torch_zip_with_code(served)
+    handler = lambda *args, **kwargs: _PickleServer(*args, directory=str(served), **kwargs)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _PickleServer.requests = []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/evil_zip.ckpt", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_url_checkpoint_is_never_fetched_nor_run(tmp_path: Path, pickle_server: tuple[str, Path]) -> None:
+    url, served = pickle_server
+    completed = _train_py("train=false", f"ckpt_path={url}", f"hydra.run.dir={tmp_path / 'run'}",
+                          f"paths.data_dir={tmp_path / 'data'}")
+    message = _one_line(completed.stderr)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert f"ckpt_path={url} is a URL" in message and "download it first and pass the local path" in message
+    assert "Traceback" not in completed.stderr
+    assert not (served / "PAYLOAD_RAN").exists() and _PickleServer.requests == []  # not even downloaded
+
+    assert caption_main([str(_an_image(tmp_path)), "--checkpoint", url]) == 2
+    with pytest.raises(CheckpointError, match="is a URL"):
+        Captioner.from_checkpoint(url)
+    assert not (served / "PAYLOAD_RAN").exists() and _PickleServer.requests == []
+
+
+def _an_image(folder: Path) -> Path:
+    path = folder / "photo.jpg"
+    path.write_bytes(b"")  # never opened: the checkpoint is refused first
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_caption_says_what_is_wrong_with_a_checkpoint(tmp_path: Path, kind: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    make, expected = BAD_FILES[kind]
+    path = make(tmp_path)
+    assert caption_main([str(_an_image(tmp_path)), "--checkpoint", str(path)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("caption: ")
+    _assert_refused(stderr, path, expected, tmp_path)
+
+
+def test_the_caption_command_prints_no_traceback(tmp_path: Path) -> None:
+    path = _random_bytes(tmp_path)
+    completed = subprocess.run([sys.executable, "-m", "captioning.caption", str(_an_image(tmp_path)),
+                                "--checkpoint", str(path)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert f"caption: checkpoint {path} is not a torch checkpoint file" in _one_line(completed.stderr)
+
+
+def _diverged_checkpoint(folder: Path) -> Path:
+    path = folder / "diverged.ckpt"
+    state = {"captioner.encoder.weight": torch.ones(2, 2), "captioner.decoder.embedding.weight": torch.ones(6, 4),
+             "captioner.decoder.output.weight": torch.tensor([[1.0, float("nan")]]),
+             "captioner.decoder.output.bias": torch.tensor([float("inf")])}
+    torch.save({"hyper_parameters": {"vocab": VOCAB, "encoder": {}, "decoder": {}}, "state_dict": state,
+                "pytorch-lightning_version": pl.__version__, "optimizer_states": [], "loops": {}, "epoch": 0,
+                "global_step": 1}, path)
+    return path
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_everywhere(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = _diverged_checkpoint(tmp_path)
+    expected = "has non-finite weights (2 of 4 tensors hold NaN or infinity, the first captioner.decoder.output.weight)"
+    with pytest.raises(CheckpointError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        Captioner.from_checkpoint(path, device="cpu")
+    assert caption_main([str(_an_image(tmp_path)), "--checkpoint", str(path)]) == 2
+    assert f"caption: checkpoint {path} {expected}" in _one_line(capsys.readouterr().err)
+    for key, overrides in (("ckpt_path", ["train=false"]), ("ckpt_path", []), ("init_from", [])):
+        with pytest.raises(CheckpointError, match=f"{key}=.*diverged.ckpt has non-finite weights"):
+            train.run(_config(tmp_path / "run", tmp_path / "data", [f"{key}={path}", *overrides]))
+
+
+def test_resuming_needs_a_checkpoint_with_the_training_state(tmp_path: Path) -> None:
+    path = tmp_path / "model_only.ckpt"
+    torch.save({"hyper_parameters": {"vocab": VOCAB}, "state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(CheckpointError, match="not what Lightning needs to resume training from it .*init_from="):
+        train.run(_config(tmp_path / "run", tmp_path / "data", [f"ckpt_path={path}"]))
+    with pytest.raises(CheckpointError, match="not what Lightning needs to evaluate it"):
+        train.run(_config(tmp_path / "run", tmp_path / "data", ["train=false", f"ckpt_path={path}"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_metrics_files_are_strict_json(tmp_path: Path, value: float) -> None:
+    path = tmp_path / "metrics.json"
+    with pytest.raises(ValueError, match=rf"{path} is not written: \['test/CIDEr'\] \({value}\) is not a finite"):
+        write_json(path, {"test/Bleu_4": 0.25, "test/CIDEr": value})
+    assert not path.exists() and not list(tmp_path.iterdir())
+    write_json(path, {"test/CIDEr": 1.5})
+    assert json.loads(path.read_text()) == {"test/CIDEr": 1.5}
+    assert train._strict_json({"test/CIDEr": 1.5, "test/loss": value}) == {"test/CIDEr": 1.5, "test/loss": None}
+
+
+# ---- the non-finite guard on a toy model: stop before the optimizer applies a NaN, or skip it ----
+
+class _Toy(pl.LightningModule):
+    """A linear model whose loss is NaN at global step ``nan_at``; records its weights at each step's start."""
+
+    def __init__(self, nan_at: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.nan_at = nan_at
+        self.weights_at: dict[int, torch.Tensor] = {}
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.weights_at[self.global_step] = self.layer.weight.detach().clone()
+        loss = self.layer(batch[0]).pow(2).mean()
+        return loss * float("nan") if self.global_step == self.nan_at else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)
+
+
+def _toy_trainer(guard: NonFiniteGuard, steps: int) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[guard])
+
+
+def test_a_nan_loss_stops_training_before_the_weights_change() -> None:
+    model = _Toy(nan_at=2)
+    expected = (r"training stopped at global step 2 \(epoch 0, batch 2\): the training loss is NaN or infinite.*"
+                r"model\.optimizer\.lr \(here 0\.1\)")
+    with pytest.raises(NonFiniteTrainingError, match=expected):
+        _toy_trainer(NonFiniteGuard(), steps=5).fit(model)
+    assert torch.equal(model.layer.weight, model.weights_at[2])  # the NaN step was never applied
+    assert not torch.equal(model.weights_at[2], model.weights_at[1])  # (the finite steps were)
+
+
+def test_a_nan_loss_step_is_skipped_and_counted_when_asked() -> None:
+    model, guard = _Toy(nan_at=2), NonFiniteGuard(skip_nonfinite_steps=True)
+    _toy_trainer(guard, steps=5).fit(model)
+    assert guard.skipped == 1 and guard.state_dict() == {"skipped": 1}
+    assert torch.equal(model.weights_at[3], model.weights_at[2])  # step 2 left the weights as they were ...
+    assert not torch.equal(model.weights_at[4], model.weights_at[3])  # ... and training went on
+    assert torch.isfinite(model.layer.weight).all()
+    optimizer_state = model.trainer.optimizers[0].state[model.layer.weight]
+    assert int(optimizer_state["step"]) == 4  # 5 steps, 1 skipped: Adam's state never saw the NaN one
+
+
+@pytest.mark.slow
+def test_a_huge_learning_rate_stops_in_the_first_epoch_without_a_best_checkpoint(tmp_path: Path,
+                                                                                 tiny_shapes: Path) -> None:
+    run_dir = tmp_path / "run"
+    completed = _train_py(*TINY_SHAPES_OVERRIDES, *TINY_OVERRIDES, "trainer.max_epochs=1",
+                          "trainer.num_sanity_val_steps=0", "model.optimizer.lr=1e30", "logger=csv",
+                          f"paths.data_dir={tiny_shapes.parent}", f"paths.cache_dir={tmp_path / 'cache'}",
+                          f"hydra.run.dir={run_dir}")
+    message = _one_line(completed.stderr)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    assert "training stopped at global step" in message and "(epoch 0," in message
+    assert "model.optimizer.lr (here 1e+30" in message and "NaN or infinite" in message
+    assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "metrics.json").exists()
+
+
+# ---- run folders: two runs started in the same second each get their own ----
+
+FROZEN_CLOCK = """
+import datetime, runpy, sys
+import hydra.core.utils
+
+class Frozen(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2030, 1, 2, 3, 4, 5, 600000)
+
+hydra.core.utils.datetime = Frozen  # Hydra's ${now:...} resolver: both runs see the very same instant
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path, tiny_shapes: Path) -> None:
+    logs = tmp_path / "logs"
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", FROZEN_CLOCK, *TINY_SHAPES_OVERRIDES, *TINY_OVERRIDES, *QUICK, "test=false",
+         "logger=csv", f"seed={seed}", f"paths.data_dir={tiny_shapes.parent}",
+         f"paths.cache_dir={tmp_path / f'cache{seed}'}", f"paths.log_dir={logs}"],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+    runs = sorted((logs / "train" / "runs").iterdir())
+    assert len(runs) == 2 and all(run.name.startswith("2030-01-02_03-04-05_") for run in runs)
+    seeds = set()
+    for run in runs:  # each folder complete, and all of it from one run
+        overrides = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+        seed = next(int(o.partition("=")[2]) for o in overrides if o.startswith("seed="))
+        seeds.add(seed)
+        assert OmegaConf.load(run / ".hydra" / "config.yaml").seed == seed
+        assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+        assert "val/best_CIDEr" in json.loads((run / "metrics.json").read_text())
+        assert load_checkpoint(run / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert seeds == {1, 2}
+
+
+def test_a_missing_checkpoint_stays_a_file_not_found_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        load_checkpoint(tmp_path / "nope.ckpt")

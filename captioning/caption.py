@@ -238,19 +238,30 @@ def format_results(results: list[CaptionResult], output_format: str, n_best: boo
     return "".join(f"{r.file}\t{r.caption}\n" for r in results)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse then names the flag and exits with status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="caption", description="Caption images with a trained checkpoint.")
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--beam-size", type=int, help="1: greedy (default: the training one, as validation decoded)")
-    parser.add_argument("--max-length", type=int, help="most words per caption (default: the training one)")
-    parser.add_argument("--n-best", type=int, help="the K best captions per image, with log-probabilities "
+    parser.add_argument("--beam-size", type=positive_int, help="1: greedy (default: the training one, as validation decoded)")
+    parser.add_argument("--max-length", type=positive_int, help="most words per caption (default: the training one)")
+    parser.add_argument("--n-best", type=positive_int, help="the K best captions per image, with log-probabilities "
                                                    "(K <= beam size)")
     parser.add_argument("--length-penalty", type=float,
                         help="rank captions by log-prob / length ** this (default: the training one)")
     parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
                         help="never repeat a word trigram within a caption (default: the training setting)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("text", "json", "csv"), default="text", dest="output_format")
     parser.add_argument("--output", type=Path, help="write here instead of standard output")

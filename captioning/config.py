@@ -12,9 +12,21 @@ from typing import Any
 
 import torch
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+# numbers a user sets, with their lowest valid value: checked before anything runs, naming the key
+# (the components check them too, but only after minutes of data preparation)
+LOWEST: dict[str, int | float] = {
+    "data.batch_size": 1,
+    "data.image_size": 32,  # smaller leaves a CNN no feature map
+    "data.num_workers": 0,
+    "data.min_word_count": 1,
+    "data.max_caption_length": 1,
+    "model.optimizer.lr": 0.0,
+    "model.encoder_lr": 0.0,
+    "trainer.max_epochs": -1,
+}
 
 
 class ConfigError(ValueError):
@@ -48,6 +60,7 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
     The optimizer and scheduler come first: they need torch alone, so their errors come in about
     two seconds; the sections' targets import Lightning, torchvision and the models.
     """
+    _check_numbers(cfg)
     model = cfg.get("model")
     if model is not None:
         _check_optimization(model)
@@ -69,6 +82,31 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
         accepted = _parameters(DECODERS[kind])
         _check(decoder, None if accepted is None else accepted - {"vocab_size", "encoder_dim"}, "model.decoder",
                DECODERS[kind].__name__)
+        _check_generation(model)
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Every ``LOWEST`` setting present is a number at or above its lowest valid value."""
+    for key, lowest in LOWEST.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        kind = "an integer" if isinstance(lowest, int) else "a number"
+        wrong_type = isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(lowest, int) and not isinstance(value, int))
+        if wrong_type or value < lowest:
+            raise ConfigError(f"{key} must be {kind} >= {lowest}, got {value!r}")
+
+
+def _check_generation(model: DictConfig) -> None:
+    """The validation/test decoding settings, as the module will build them (``GenerationSettings``)."""
+    from captioning.decoding import GenerationSettings
+
+    try:
+        GenerationSettings.from_hparams(model)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"the decoding settings model.beam_size / max_decode_length / length_penalty / "
+                          f"block_trigrams / allow_unk: {error}") from None
 
 
 def _check_optimization(model: DictConfig) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioning.caption import Captioner, expand_inputs, main
+from captioning.caption import Captioner, expand_inputs, main, parse_args
 from tests.conftest import PROJECT_ROOT
 from tests.test_train import QUICK, _config
 import train
@@ -133,3 +133,13 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     completed = subprocess.run([sys.executable, "-m", "captioning.caption", str(tmp_path / "a.jpg"),
                                 "--checkpoint", str(tmp_path / "nope.ckpt")], capture_output=True, text=True)
     assert completed.returncode == 2 and "nope.ckpt does not exist" in completed.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--batch-size", "0"), ("--batch-size", "-1"), ("--max-length", "0"),
+                                             ("--beam-size", "0"), ("--n-best", "x")])
+def test_a_flag_out_of_range_is_named_before_anything_loads(flag: str, value: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["a.jpg", "--checkpoint", "missing.ckpt", flag, value])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err

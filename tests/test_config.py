@@ -1,6 +1,7 @@
 """Config groups, presets and fail-fast validation."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -62,9 +63,9 @@ def test_the_optimizer_and_the_scheduler_are_built_before_anything_runs() -> Non
     with pytest.raises(ConfigError, match=r"model.scheduler.T_max is not a setting of "
                                           r"torch.optim.lr_scheduler.ReduceLROnPlateau; valid settings: cooldown"):
         check_config(_compose(["model/scheduler=plateau", "+model.scheduler.T_max=3"]))
-    with pytest.raises(ConfigError, match=r"model.optimizer \(torch.optim.SGD\(lr=-1, momentum=0.0, weight_decay=0.0\)\) "
-                                          "cannot be built: Invalid learning rate"):
-        check_config(_compose(["model/optimizer=sgd", "model.optimizer.lr=-1"]))
+    with pytest.raises(ConfigError, match=r"model.optimizer \(torch.optim.SGD\(lr=2.0, momentum=-1, weight_decay=0.0\)\) "
+                                          "cannot be built: Invalid momentum value"):
+        check_config(_compose(["model/optimizer=sgd", "model.optimizer.momentum=-1"]))
     with pytest.raises(ConfigError, match=r"model.scheduler .*ReduceLROnPlateau\(mode=maximum, .* cannot be built: mode maximum"):
         check_config(_compose(["model/scheduler=plateau", "model.scheduler.mode=maximum"]))
     # a preset replaces the scheduler node as a whole: nothing of the default cosine is left over
@@ -77,6 +78,20 @@ def test_the_optimizer_and_the_scheduler_are_built_before_anything_runs() -> Non
                                cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "model.scheduler.T_max is not a setting of" in " ".join(completed.stderr.split())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+    ("data.batch_size=abc", "data.batch_size must be an integer >= 1, got 'abc'"),
+    ("data.image_size=0", "data.image_size must be an integer >= 32, got 0"),
+    ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
+    ("model.optimizer.lr=-1", "model.optimizer.lr must be a number >= 0.0, got -1"),
+    ("model.beam_size=0", "beam_size must be an integer >= 1, got 0"),
+    ("model.max_decode_length=0", "max_length must be an integer >= 1, got 0"),
+])
+def test_a_number_out_of_range_is_named_before_anything_runs(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(_compose([override]))
 
 
 def test_precision_belongs_to_the_hardware_preset_not_to_ddp() -> None:

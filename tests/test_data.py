@@ -313,6 +313,15 @@ def test_folder_tables_with_a_split_column_or_a_seeded_ratio(tmp_path: Path) -> 
     other_seed = {i.path.name for i in load_caption_table(csv_table, tmp_path / "csv" / "images", ["train"], ratios, 8)}
     assert other_seed != assigned["train"]
 
+
+def test_a_folder_row_with_a_split_no_one_uses_is_an_error(tmp_path: Path) -> None:
+    rows = [{"file": "a.jpg", "caption": "a cat", "split": "train"}, {"file": "b.jpg", "caption": "a dog", "split": "tarin"}]
+    table = _folder(tmp_path, rows)
+    with pytest.raises(AnnotationError, match=r"line 2 puts b.jpg in split 'tarin', which no split of this run uses; "
+                                              r"the splits are \['test', 'train', 'val'\]"):
+        load_annotations("folder", table, tmp_path / "images", ["train"], known_splits=["train", "val", "test"])
+    assert [i.path.name for i in load_annotations("folder", table, tmp_path / "images", ["train"])] == ["a.jpg"]
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"file": "a.jpg", "caption": "x"}\n{"file": "a.jpg"}\n')
     with pytest.raises(AnnotationError, match=r"bad.jsonl: line 2 has no field 'caption'"):

@@ -212,8 +212,9 @@ class CaptionDataModule(pl.LightningDataModule):
         if self.format == "karpathy" and split == "train" and self.merge_restval and "restval" not in subsets:
             subsets.append("restval")
         annotations = paths.get("annotations")
+        known = sorted({subset for name, spec in self.splits.items() for subset in (spec.get("subsets") or [name])})
         return load_annotations(self.format, self.root / annotations if annotations else None,
-                                self.root / paths["images"], subsets, self.split_ratios, self.split_seed)
+                                self.root / paths["images"], subsets, self.split_ratios, self.split_seed, known)
 
     def _hold_out(self, train: list[CaptionedImage]) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
         """(train, val): ``val_from_train`` captioned train images move to val.

@@ -51,19 +51,20 @@ DEFAULT_SPLIT_RATIOS = {"train": 0.9, "val": 0.05, "test": 0.05}
 
 def load_annotations(format: str, annotations: str | os.PathLike | None, images: str | os.PathLike,
                      splits: Sequence[str] | None = None, split_ratios: Mapping[str, float] | None = None,
-                     seed: int = 0) -> list[CaptionedImage]:
+                     seed: int = 0, known_splits: Sequence[str] | None = None) -> list[CaptionedImage]:
     """Images and raw captions of a dataset in any supported format, ordered by image id.
 
     ``splits`` selects the Karpathy splits (train / restval / val / test) or the folder table's
     splits to keep (None: all). ``split_ratios`` and ``seed`` assign a folder table's rows that have
-    no split column.
+    no split column; ``known_splits`` (every split the run uses) makes a table row naming another
+    split an error instead of an image silently left out.
     """
     if format == "coco":
         return load_coco_captions(_needs(annotations, format), images)
     if format == "karpathy":
         return load_karpathy_split(_needs(annotations, format), images, splits)
     if format == "folder":
-        return load_caption_table(_needs(annotations, format), images, splits, split_ratios, seed)
+        return load_caption_table(_needs(annotations, format), images, splits, split_ratios, seed, known_splits)
     if format == "images":
         return load_image_folder(images)
     raise ValueError(f"unknown data format {format!r}; choose one of {FORMATS}")
@@ -156,12 +157,13 @@ def load_karpathy_split(dataset_file: str | os.PathLike, image_root: str | os.Pa
 
 def load_caption_table(table_file: str | os.PathLike, image_dir: str | os.PathLike,
                        splits: Sequence[str] | None = None, split_ratios: Mapping[str, float] | None = None,
-                       seed: int = 0) -> list[CaptionedImage]:
+                       seed: int = 0, known_splits: Sequence[str] | None = None) -> list[CaptionedImage]:
     """Your own data: ``(file, caption[, split])`` rows in a JSONL or CSV file, images in ``image_dir``.
 
     Rows of the same file are captions of one image. Image ids number the distinct files in sorted
     order (1, 2, ...). Files without a split column are assigned by a seeded hash of their name
     with ``split_ratios`` (default 90/5/5 train/val/test), so adding files never moves the others.
+    A row whose split is not in ``known_splits`` (when given) is an ``AnnotationError`` listing them.
     """
     table_file, image_dir = Path(table_file), Path(image_dir)
     rows = _read_table(table_file)
@@ -173,6 +175,9 @@ def load_caption_table(table_file: str | os.PathLike, image_dir: str | os.PathLi
         captions.setdefault(name, []).append(caption)
         split = row.get("split") or None
         if split is not None:
+            if known_splits is not None and split not in known_splits:
+                raise AnnotationError(f"{table_file}: {where} puts {name} in split {split!r}, which no split of "
+                                      f"this run uses; the splits are {sorted(known_splits)} (data.splits.*.subsets)")
             if assigned.get(name, split) != split:
                 raise AnnotationError(f"{table_file}: {where} puts {name} in split {split!r}, "
                                       f"an earlier row in {assigned[name]!r}")

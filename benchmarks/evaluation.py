@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from rich.console import Console
 from rich.table import Table
 
+from captioning.data.datasets import load_coco_references, read_json_file
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator
 
 DEFAULT_ANNOTATIONS = (Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val2017-mini"
@@ -38,7 +39,7 @@ class _NoSpice:
 
 def held_out(annotation_file: Path, images: int, workdir: Path) -> tuple[Path, Path, dict[int, str]]:
     """Annotations without each image's first caption, a results file holding those captions."""
-    data = json.loads(annotation_file.read_text())
+    data = read_json_file(annotation_file, "annotation file")
     chosen = {image["id"] for image in data["images"][:images]}
     results: dict[int, str] = {}
     kept = []
@@ -69,7 +70,7 @@ def score_ours(references: Path, results: dict[int, str]) -> tuple[dict[str, flo
     """Metrics, seconds for a fresh evaluator (Java started cold), seconds for a second call on it
     (as validation reuses its evaluator every epoch)."""
     start = time.perf_counter()
-    with CocoCaptionEvaluator(COCO(str(references)), spice=False) as evaluator:
+    with CocoCaptionEvaluator(load_coco_references(references), spice=False) as evaluator:
         metrics = evaluator.score(results).metrics
         cold = time.perf_counter() - start
         start = time.perf_counter()

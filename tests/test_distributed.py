@@ -11,7 +11,7 @@ from captioning.data.shapes import ShapesConfig, ensure_shapes_dataset
 from captioning.evaluation.coco import METRICS
 from tests.conftest import PROJECT_ROOT
 
-SCRIPT = PROJECT_ROOT / "tests" / "ddp_validation.py"
+SCRIPT = PROJECT_ROOT / "scripts" / "ddp_validation.py"
 
 
 def _validate(data_root: Path, prefix: Path, devices: int, *options: str) -> list[dict[str, float]]:

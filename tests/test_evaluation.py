@@ -10,16 +10,10 @@ import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
+from captioning.data.datasets import load_coco_references
 from captioning.evaluation import cli, coco, meteor, tokenizer
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator, spice_unavailable_reason
 from tests.conftest import PROJECT_ROOT
-
-
-def _references(annotation_file: Path) -> dict[int, list[str]]:
-    references: dict[int, list[str]] = {}
-    for annotation in json.loads(annotation_file.read_text())["annotations"]:
-        references.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    return references
 
 
 def _reference_numbers(annotation_file: Path, results: dict[int, str], tmp_path: Path) -> dict[str, float]:
@@ -50,7 +44,7 @@ class _NoSpice:
 
 def test_scores_equal_cocoevalcap_on_generated_captions(tiny_shapes: Path, tmp_path: Path) -> None:
     annotation_file = tiny_shapes / "annotations" / "captions_test.json"
-    references = _references(annotation_file)
+    references = load_coco_references(annotation_file)
     # a plausible "model": another image's caption for half the images, a held-out reference for the rest
     ids = sorted(references)
     results = {i: references[ids[(k + 1) % len(ids)] if k % 2 else i][0] for k, i in enumerate(ids)}
@@ -127,7 +121,7 @@ def _without_java(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_without_java_bleu_rouge_cider_are_unchanged_and_meteor_is_skipped_with_a_warning(
         tiny_shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    references = _references(tiny_shapes / "annotations" / "captions_test.json")
+    references = load_coco_references(tiny_shapes / "annotations" / "captions_test.json")
     ids = sorted(references)
     results = {i: references[ids[(k + 2) % len(ids)]][1] + "." for k, i in enumerate(ids)}
     with CocoCaptionEvaluator(references) as evaluator:
@@ -211,9 +205,10 @@ def _perturbed(caption: str, k: int) -> str:
 
 def test_scores_equal_cocoevalcap_on_real_coco_captions(shared_data: Path, tmp_path: Path) -> None:
     annotation_file, held_out = _held_out_annotations(shared_data, tmp_path)
-    references = _references(annotation_file)
-    with CocoCaptionEvaluator(COCO(str(annotation_file))) as evaluator:
-        assert evaluator.references == references
+    references = load_coco_references(annotation_file)
+    coco_api = COCO(str(annotation_file))
+    assert references == {i: [a["caption"] for a in coco_api.imgToAnns[i]] for i in coco_api.getImgIds()}
+    with CocoCaptionEvaluator(references) as evaluator:
         for name, results in [("held-out human", held_out),
                               ("perturbed", {i: _perturbed(c, k) for k, (i, c) in enumerate(held_out.items())})]:
             ours = evaluator.score(results).metrics
@@ -230,7 +225,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     annotation_file = tiny_shapes / "annotations" / "captions_val.json"
-    references = _references(annotation_file)
+    references = load_coco_references(annotation_file)
     results = [{"image_id": i, "caption": captions[0]} for i, captions in references.items()]
     results_file = tmp_path / "results.json"
     results_file.write_text(json.dumps(results))
@@ -273,6 +268,25 @@ def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_
     assert all(name in output for name in ("Bleu_4", "ROUGE_L", "CIDEr")) and "METEOR is skipped" in output
 
 
+@pytest.mark.parametrize(("problem", "message"), [
+    ("no results file", "results file {results} does not exist"),
+    ("results not JSON", "{results} is not valid JSON"),
+    ("no annotation file", "annotation file {annotations} does not exist"),
+    ("annotation without caption", "{annotations}: annotations[1] has no field 'caption'"),
+])
+def test_cli_refuses_unreadable_files_naming_them(tmp_path: Path, capsys: pytest.CaptureFixture, problem: str,
+                                                  message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside the paths
+    results, annotations = tmp_path / "results.json", tmp_path / "annotations.json"
+    results.write_text('[{"image_id": 1, "caption": "a red circle"}]' if problem != "results not JSON" else "[{")
+    annotations.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a circle"}, {"image_id": 1}]
+                                       if problem == "annotation without caption" else []}))
+    if problem.startswith("no "):
+        (results if "results" in problem else annotations).unlink()
+    assert cli.main([str(results), "--annotations", str(annotations)]) == 2
+    assert message.format(results=results, annotations=annotations) in capsys.readouterr().out
+
+
 def _independent_leave_one_out(references: dict[int, list[str]], captions: dict[int, str]
                                ) -> tuple[dict[str, float], dict[str, float], int]:
     """Issue 12's protocol written out with pycocoevalcap's own tokenizer and scorers, nothing of ours."""
@@ -303,8 +317,8 @@ def _independent_leave_one_out(references: dict[int, list[str]], captions: dict[
 def test_leave_one_out_equals_pycocoevalcap_on_real_coco_captions(
         shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     annotations = shared_data / "coco-val2017-mini" / "annotations"
-    mini = _references(annotations / "captions_mini.json")
-    val = _references(annotations / "captions_val2017.json")
+    mini = load_coco_references(annotations / "captions_mini.json")
+    val = load_coco_references(annotations / "captions_val2017.json")
     references = {i: mini[i] for i in list(mini)[:40]}  # five references each
     many = sorted((i for i, r in val.items() if len(r) > 5), key=lambda i: -len(val[i]))[:3]
     assert [len(val[i]) for i in many] == [7, 6, 6]

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import Dataset
 
 from captioning.data.images import BadImageError
+from captioning.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class AnnotationError(ValueError):
-    """An annotation file is malformed; the message names the file and the field."""
+class AnnotationError(InputError):
+    """A caption file (annotations, split file, caption table, results) is malformed; the message names the
+    file and the field."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class DatasetItem:
 
 
 FORMATS = ("coco", "karpathy", "folder", "images")
+SPLITS = ("train", "val", "test")  # the splits a run trains, validates and tests on
 CAPTIONS_PER_IMAGE = ("all", "random", "pairs")  # CaptionDataset's modes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_SPLIT_RATIOS = {"train": 0.9, "val": 0.05, "test": 0.05}
@@ -76,26 +79,41 @@ def _needs(annotations: str | os.PathLike | None, format: str) -> Path:
     return Path(annotations)
 
 
-def _read_json(annotation_file: Path) -> Any:
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The JSON of a file a user gave (``what`` names its role in the messages, e.g. "annotation file").
+
+    A missing file is a ``FileNotFoundError``, text that is not UTF-8 or not JSON an
+    ``AnnotationError``; both messages name the file.
+    """
+    path = Path(path)
     try:
-        with open(annotation_file, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {annotation_file} does not exist") from None
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
     except UnicodeDecodeError as error:
-        raise AnnotationError(f"{annotation_file} is not UTF-8 text: {error}") from None
+        raise AnnotationError(f"{path} is not UTF-8 text: {error}") from None
     except json.JSONDecodeError as error:
-        raise AnnotationError(f"{annotation_file} is not valid JSON: {error}") from None
+        raise AnnotationError(f"{path} is not valid JSON: {error}") from None
+
+
+def load_coco_references(annotation_file: str | os.PathLike) -> dict[int, list[str]]:
+    """``{image_id: [captions]}`` of a COCO caption file, what the evaluator scores against.
+
+    Only ``annotations`` is read (image ids in order of first appearance, captions in file order),
+    so a file without ``images`` serves too; images without a caption are not listed.
+    """
+    annotation_file = Path(annotation_file)
+    return _coco_annotations(read_json_file(annotation_file, "annotation file"), annotation_file)
 
 
 def load_coco_captions(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> list[CaptionedImage]:
     """Read a COCO caption file (``{"images": [...], "annotations": [...]}``), ordered by image id."""
     annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    data = _read_json(annotation_file)
+    data = read_json_file(annotation_file, "annotation file")
     if not isinstance(data, dict):
         raise AnnotationError(f"{annotation_file}: expected a JSON object with 'images' and 'annotations'")
     images = _require(data, "images", list, annotation_file, "the top-level object")
-    annotations = _require(data, "annotations", list, annotation_file, "the top-level object")
 
     files: dict[int, str] = {}
     for index, image in enumerate(images):
@@ -105,18 +123,26 @@ def load_coco_captions(annotation_file: str | os.PathLike, image_dir: str | os.P
             raise AnnotationError(f"{annotation_file}: {where} repeats image id {image_id}")
         files[image_id] = _require(image, "file_name", str, annotation_file, where)
 
-    captions: dict[int, list[str]] = {image_id: [] for image_id in files}
+    captions = _coco_annotations(data, annotation_file, files)
+    return [CaptionedImage(image_id, image_dir / files[image_id], tuple(captions.get(image_id, ())))
+            for image_id in sorted(files)]
+
+
+def _coco_annotations(data: Any, annotation_file: Path, image_ids: Container[int] | None = None
+                      ) -> dict[int, list[str]]:
+    """The ``annotations`` of COCO caption JSON as ``{image_id: [captions]}``, checked entry by entry;
+    with ``image_ids``, an annotation of any other image is an error."""
+    annotations = _require(data, "annotations", list, annotation_file, "the top-level object")
+    captions: dict[int, list[str]] = {}
     for index, annotation in enumerate(annotations):
         where = f"annotations[{index}]"
         image_id = _require(annotation, "image_id", int, annotation_file, where)
         caption = _require(annotation, "caption", str, annotation_file, where)
-        if image_id not in captions:
+        if image_ids is not None and image_id not in image_ids:
             raise AnnotationError(f"{annotation_file}: {where} refers to image id {image_id}, "
                                   "which is not in 'images'")
-        captions[image_id].append(caption)
-
-    return [CaptionedImage(image_id, image_dir / files[image_id], tuple(captions[image_id]))
-            for image_id in sorted(files)]
+        captions.setdefault(image_id, []).append(caption)
+    return captions
 
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -134,7 +160,7 @@ def load_karpathy_split(dataset_file: str | os.PathLike, image_root: str | os.Pa
     unknown = sorted(set(splits or ()) - set(KARPATHY_SPLITS))
     if unknown:
         raise ValueError(f"unknown Karpathy splits {unknown}; they are {KARPATHY_SPLITS}")
-    data = _read_json(dataset_file)
+    data = read_json_file(dataset_file, "annotation file")
     images = _require(data, "images", list, dataset_file, "the top-level object")
     result: dict[int, CaptionedImage] = {}
     for index, image in enumerate(images):

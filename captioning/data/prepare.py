@@ -31,11 +31,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from captioning.data.datasets import FORMATS, AnnotationError, CaptionedImage, load_annotations
+from captioning.data.datasets import FORMATS, CaptionedImage, load_annotations
 from captioning.data.image_cache import ImageCacheReport, image_mapper, progress_bar, write_image_cache
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import Vocabulary
+from captioning.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ CONVERSIONS = {  # images made RGB by open_rgb, as training will: counted, not e
     "other": "other modes",
 }
 REPORT_NAME, VOCAB_NAME, CACHE_DIR = "report.json", "vocab.json", "image_cache"
-
-
-class InputError(ValueError):
-    """Arguments or annotation files that cannot be used; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -264,8 +261,6 @@ def load_dataset(args: argparse.Namespace) -> list[CaptionedImage]:
     source = args.annotations or args.images
     try:
         return load_annotations(args.format, args.annotations, args.images, args.split)
-    except AnnotationError as error:
-        raise InputError(str(error)) from None
     except UnicodeDecodeError as error:
         raise InputError(f"{source} is not UTF-8 text: {error}") from None
     except (FileNotFoundError, ValueError) as error:

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import string
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioning.data.datasets import SPLITS
 from captioning.data.files import MANIFEST_NAME, locked, replace_directory, sha256_file
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
-SPLITS = ("train", "val", "test")
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -212,10 +213,10 @@ def render_scene(scene: list[PlacedShape], image_size: int, noise: np.random.Gen
 
 def describe_scene(scene: list[PlacedShape], rng: random.Random, count: int, image_size: int) -> list[str]:
     """``count`` distinct captions that vary as human ones do: synonyms, order, optional details."""
-    templates = {1: _ONE_SHAPE, 2: _TWO_SHAPES, 3: _THREE_SHAPES}[len(scene)]
+    templates = _TEMPLATES[len(scene)]
     captions: list[str] = []
     for _ in range(count * 50):
-        caption = rng.choice(templates)(scene, rng, _region(scene[0], image_size))
+        caption = _fill(rng.choice(templates), scene, rng, _region(scene[0], image_size))
         if caption not in captions:
             captions.append(caption)
         if len(captions) == count:
@@ -250,42 +251,53 @@ def _shape_listing(shapes: list[PlacedShape], rng: random.Random) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _opener(rng: random.Random) -> str:
-    """How people start a description: "", "an image of", "a drawing of", ..."""
-    return rng.choice(("", "", "", "an image of ", "a picture of ", "a drawing of ", "a simple image with "))
+# Caption templates: text with fields that ``_fill`` replaces left to right (see there).
+OPENERS = ("", "", "", "an image of ", "a picture of ", "a drawing of ", "a simple image with ")
+BACKGROUNDS = ("", "", " on a white background", " on a plain background", " against a light background")
+_WORD_FIELDS = {"opener": OPENERS, "background": BACKGROUNDS, "objects": OBJECT_WORDS}
+_TEMPLATES = {
+    1: ("{opener}{a0}{background}", "there is {a0} in the {where}", "a single {p0}{background}",
+        "one {p0} in the {where} of the image", "{a0+} near the {where}",
+        "{opener}{a0} {placed|sitting|drawn} in the {where}", "only one shape, {a0}"),
+    2: ("{a0} {left of|to the left of} {a1}", "{a1} {right of|to the right of} {a0}", "{opener}{all}{background}",
+        "{|there are }two {objects}: {shuffled}", "{a0} {next to|beside} {a1}", "{shuffled} side by side",
+        "{a0} on the left and {a1} on the right", "two {objects} including {any}"),
+    3: ("{|there are }three {objects}: {all}", "{all} from left to right", "{a0} left of {rest}",
+        "{a1} between {ends}", "three {objects} including {any}", "{opener}{shuffled}{background}",
+        "{all} in a row", "a row of three {objects} with {a1} in the middle"),
+}
 
 
-def _background(rng: random.Random) -> str:
-    return rng.choice(("", "", " on a white background", " on a plain background", " against a light background"))
+def _fill(template: str, scene: list[PlacedShape], rng: random.Random, where: str) -> str:
+    """The template with its fields replaced in order, so that the random draws (and the dataset) are fixed.
+
+    Fields: ``{opener}``, ``{background}``, ``{objects}`` (a word from ``_WORD_FIELDS``);
+    ``{x|y}`` (one of the alternatives); ``{where}`` (the first shape's region); ``{a0}``, ``{a1}``
+    (shape 0 or 1 with its article; ``{a0+}`` says its size more often) and ``{p0}`` (without);
+    ``{any}`` (a random shape, with article); listings of ``{all}`` shapes, ``{shuffled}`` (all,
+    in random order), the ``{rest}`` after the first, and the two ``{ends}``.
+    """
+    text = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        text.append(literal)
+        if field is not None:
+            text.append(_field(field, scene, rng, where))
+    return "".join(text)
 
 
-_ONE_SHAPE = (
-    lambda s, r, where: f"{_opener(r)}{_article(_phrase(s[0], r))}{_background(r)}",
-    lambda s, r, where: f"there is {_article(_phrase(s[0], r))} in the {where}",
-    lambda s, r, where: f"a single {_phrase(s[0], r)}{_background(r)}",
-    lambda s, r, where: f"one {_phrase(s[0], r)} in the {where} of the image",
-    lambda s, r, where: f"{_article(_phrase(s[0], r, 0.8))} near the {where}",
-    lambda s, r, where: f"{_opener(r)}{_article(_phrase(s[0], r))} {r.choice(('placed', 'sitting', 'drawn'))} in the {where}",
-    lambda s, r, where: f"only one shape, {_article(_phrase(s[0], r))}",
-)
-_TWO_SHAPES = (
-    lambda s, r, where: f"{_article(_phrase(s[0], r))} {r.choice(('left of', 'to the left of'))} {_article(_phrase(s[1], r))}",
-    lambda s, r, where: f"{_article(_phrase(s[1], r))} {r.choice(('right of', 'to the right of'))} {_article(_phrase(s[0], r))}",
-    lambda s, r, where: f"{_opener(r)}{_shape_listing(s, r)}{_background(r)}",
-    lambda s, r, where: f"{r.choice(('', 'there are '))}two {r.choice(OBJECT_WORDS)}: {_shape_listing(r.sample(s, 2), r)}",
-    lambda s, r, where: f"{_article(_phrase(s[0], r))} {r.choice(('next to', 'beside'))} {_article(_phrase(s[1], r))}",
-    lambda s, r, where: f"{_shape_listing(r.sample(s, 2), r)} side by side",
-    lambda s, r, where: f"{_article(_phrase(s[0], r))} on the left and {_article(_phrase(s[1], r))} on the right",
-    lambda s, r, where: f"two {r.choice(OBJECT_WORDS)} including {_article(_phrase(r.choice(s), r))}",
-)
-_THREE_SHAPES = (
-    lambda s, r, where: f"{r.choice(('', 'there are '))}three {r.choice(OBJECT_WORDS)}: {_shape_listing(s, r)}",
-    lambda s, r, where: f"{_shape_listing(s, r)} from left to right",
-    lambda s, r, where: f"{_article(_phrase(s[0], r))} left of {_shape_listing(s[1:], r)}",
-    lambda s, r, where: f"{_article(_phrase(s[1], r))} between {_shape_listing([s[0], s[2]], r)}",
-    lambda s, r, where: f"three {r.choice(OBJECT_WORDS)} including {_article(_phrase(r.choice(s), r))}",
-    lambda s, r, where: f"{_opener(r)}{_shape_listing(r.sample(s, 3), r)}{_background(r)}",
-    lambda s, r, where: f"{_shape_listing(s, r)} in a row",
-    lambda s, r, where: f"a row of three {r.choice(OBJECT_WORDS)} with {_article(_phrase(s[1], r))} in the middle",
-)
-
+def _field(field: str, scene: list[PlacedShape], rng: random.Random, where: str) -> str:
+    """One field's text (see ``_fill``)."""
+    if field in _WORD_FIELDS:
+        return rng.choice(_WORD_FIELDS[field])
+    if "|" in field:
+        return rng.choice(field.split("|"))
+    if field == "where":
+        return where
+    if field[0] in "ap" and field[1:2].isdigit():
+        phrase = _phrase(scene[int(field[1])], rng, 0.8 if field.endswith("+") else 0.5)
+        return _article(phrase) if field[0] == "a" else phrase
+    if field == "any":
+        return _article(_phrase(rng.choice(scene), rng))
+    if field == "shuffled":
+        return _shape_listing(rng.sample(scene, len(scene)), rng)
+    return _shape_listing({"all": scene, "rest": scene[1:], "ends": [scene[0], scene[-1]]}[field], rng)

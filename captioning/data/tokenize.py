@@ -35,8 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
-# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, removed after tokenization. Java lowercases
-# first, so "-LRB-" never matches: "(" survives as "-lrb-" in the evaluator too.
+# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, removed after tokenization here and by the Java
+# path (captioning.evaluation.tokenizer). Java lowercases first, so "-LRB-" never matches: "(" survives
+# as "-lrb-" in the evaluator too.
 PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
                          ".", "?", "!", ",", ":", "-", "--", "...", ";"])
 

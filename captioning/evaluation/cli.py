@@ -15,36 +15,23 @@ Exit status: 0 scored, 2 bad input (the message names the file and the entry).
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from captioning.data.datasets import load_coco_references, read_json_file
 from captioning.data.files import write_json
+from captioning.errors import InputError
 from captioning.evaluation.coco import CocoCaptionEvaluator
-
-
-class InputError(ValueError):
-    """Bad input files: the message says which file and entry, and what is wrong."""
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} file {path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{what} file {path} is not valid UTF-8 JSON: {error}") from None
 
 
 def load_results(path: Path) -> dict[int, str]:
     """``{image_id: caption}`` from a COCO results file, refusing malformed or duplicate entries."""
-    entries = _read_json(path, "results")
+    entries = read_json_file(path, "results file")
     if not isinstance(entries, list):
         raise InputError(f"{path}: expected a JSON list of {{\"image_id\": int, \"caption\": str}}, "
                          f"got a {type(entries).__name__}")
@@ -64,21 +51,6 @@ def load_results(path: Path) -> dict[int, str]:
     if not captions:
         raise InputError(f"{path} holds no results")
     return captions
-
-
-def load_references(path: Path) -> dict[int, list[str]]:
-    """``{image_id: [captions]}`` from COCO caption annotations (``annotations[].image_id/caption``)."""
-    data = _read_json(path, "annotations")
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise InputError(f"{path}: expected COCO caption annotations, an object with an \"annotations\" list")
-    references: dict[int, list[str]] = {}
-    for index, annotation in enumerate(data["annotations"]):
-        if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), int) \
-                or not isinstance(annotation.get("caption"), str):
-            raise InputError(f"{path}: annotations[{index}] needs an integer image_id and a string caption, "
-                             f"got {annotation!r:.200}")
-        references.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    return references
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         captions = load_results(args.results)
-        references = load_references(args.annotations)
+        references = load_coco_references(args.annotations)
         unknown = sorted(set(captions) - set(references))
         if unknown:
             raise InputError(f"{args.results}: {len(unknown)} image ids are not in {args.annotations}, "
                              f"e.g. {unknown[:5]}")
-    except InputError as error:
+    except (InputError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
     with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:

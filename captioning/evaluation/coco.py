@@ -34,7 +34,6 @@ from pycocoevalcap.bleu import bleu_scorer
 from pycocoevalcap.cider import cider_scorer
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as spice_module
-from pycocotools.coco import COCO
 
 from captioning.data.tokenize import ptb_tokenize_python_batch
 from captioning.evaluation.meteor import MeteorScorer, shared_meteor
@@ -82,11 +81,6 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def references_from_coco(coco: COCO) -> dict[int, list[str]]:
-    """``{image_id: [captions]}`` of a pycocotools ``COCO`` caption dataset, in its image order."""
-    return {int(i): [a["caption"] for a in coco.imgToAnns[i]] for i in coco.getImgIds()}
-
-
 def java_major_version(java: str) -> int | None:
     """The major version of ``java`` (8 for "1.8.0_..."), or None if it does not answer."""
     try:
@@ -122,12 +116,13 @@ def _record(result: EvaluationResult, name: str, corpus: float, scores: Sequence
 
 
 class CocoCaptionEvaluator:
-    """Scores ``{image_id: caption}`` against fixed references (``{image_id: [captions]}`` or a ``COCO``)."""
+    """Scores ``{image_id: caption}`` against fixed references, ``{image_id: [captions]}``.
 
-    def __init__(self, references: Mapping[int, Sequence[str]] | COCO, spice: bool = True) -> None:
+    A COCO caption file's references are ``captioning.data.datasets.load_coco_references(file)``.
+    """
+
+    def __init__(self, references: Mapping[int, Sequence[str]], spice: bool = True) -> None:
         self._meteor: MeteorScorer | None = None
-        if isinstance(references, COCO):
-            references = references_from_coco(references)
         self.references = {int(i): list(captions) for i, captions in references.items()}
         empty = [i for i, captions in self.references.items() if not captions]
         if empty:

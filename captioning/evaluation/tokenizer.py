@@ -13,10 +13,9 @@ from pathlib import Path
 
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from captioning.data.tokenize import one_line
+from captioning.data.tokenize import PUNCTUATION, one_line
 
 PTB_JAR = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
-PUNCTUATION = frozenset(ptbtokenizer.PUNCTUATIONS)
 
 
 def java_executable() -> str:

@@ -83,6 +83,17 @@ def _check_cell(cell: str) -> None:
         raise ValueError(f"decoder cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
 
 
+def _state_size(cell: str, num_layers: int, hidden_size: int) -> int:
+    """How many numbers make a whole state of ``cell``: h (and c for an LSTM) of every layer."""
+    return (2 if cell == "lstm" else 1) * num_layers * hidden_size
+
+
+def _split_state(flat: torch.Tensor, num_layers: int, hidden_size: int) -> State:
+    """(batch, ``_state_size``) -> the state, each part (num_layers, batch, hidden_size)."""
+    parts = flat.view(flat.shape[0], -1, num_layers, hidden_size)
+    return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))
+
+
 def uniform_init_(module: nn.Module, scale: float | None) -> None:
     """im2txt's initialisation: weights uniform in [-scale, scale], biases 0, LSTM forget gates biased
     by +1 (TensorFlow's ``BasicLSTMCell`` adds it); None keeps torch's defaults."""
@@ -164,8 +175,7 @@ class ShowTellDecoder(nn.Module):
         rnn_input = 2 * embed_dim if condition == "every_step" else embed_dim
         self.rnn = RNN_LAYERS[cell](rnn_input, hidden_size, num_layers, batch_first=True,
                                     dropout=dropout if num_layers > 1 else 0.0, **extra)
-        state_parts = 2 if cell == "lstm" else 1
-        projected = state_parts * num_layers * hidden_size if condition == "state" else embed_dim
+        projected = _state_size(cell, num_layers, hidden_size) if condition == "state" else embed_dim
         self.image_projection = nn.Linear(encoder_dim, projected)
         self.dropout = nn.Dropout(dropout)
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
@@ -186,8 +196,7 @@ class ShowTellDecoder(nn.Module):
         if self.condition == "input":
             _, state = self._run(self.dropout(image).unsqueeze(1), None)
             return state
-        parts = torch.tanh(image).view(batch, -1, self.num_layers, self.hidden_size)
-        return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
+        return _split_state(torch.tanh(image), self.num_layers, self.hidden_size)
 
     def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, None]:
@@ -275,8 +284,7 @@ class ShowAttendTellDecoder(nn.Module):
         self.cells = nn.ModuleList(
             RNN_CELLS[cell](embed_dim + annotation_dim if layer == 0 else hidden_size, hidden_size, **extra)
             for layer in range(num_layers))
-        state_parts = 2 if cell == "lstm" else 1
-        self.init_projection = nn.Linear(annotation_dim, state_parts * num_layers * hidden_size)
+        self.init_projection = nn.Linear(annotation_dim, _state_size(cell, num_layers, hidden_size))
         self.dropout = nn.Dropout(dropout)
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
         uniform_init_(self, init_scale)
@@ -293,10 +301,8 @@ class ShowAttendTellDecoder(nn.Module):
         return PreparedImages(features.global_features, annotations, self.attention.project(annotations))
 
     def init_state(self, features: PreparedImages) -> State:
-        batch = features.annotations.shape[0]
         mean_annotation = features.annotations.mean(dim=1)  # (batch, annotation_dim)
-        parts = self.init_projection(mean_annotation).view(batch, -1, self.num_layers, self.hidden_size)
-        return tuple(p.transpose(0, 1).contiguous() for p in parts.unbind(1))  # each (layers, batch, hidden)
+        return _split_state(self.init_projection(mean_annotation), self.num_layers, self.hidden_size)
 
     def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, torch.Tensor]:

@@ -3,7 +3,7 @@
 Run by tests/test_distributed.py as a script, because Lightning's DDP launcher starts the other
 ranks by running the same command again:
 
-    python tests/ddp_validation.py DATA_ROOT OUTPUT_PREFIX --weights W.pt [--train-steps N] --devices 2
+    python scripts/ddp_validation.py DATA_ROOT OUTPUT_PREFIX --weights W.pt [--train-steps N] --devices 2
 
 With ``--train-steps`` it first trains that many steps (one process) and saves the weights to
 ``--weights``; without, it loads them, so that every run validates the same model.

@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from captioning.schemas import register_schemas
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from captioning.data.datamodule import CaptionDataModule
-    from captioning.module import CaptioningModule
+    from captioning.models.encoders import CNNEncoder
+    from captioning.module import CaptioningLitModule
 
 # torch, Lightning and the evaluator are imported inside run(): a mistyped override then fails in
 # about a second, before they load
@@ -41,6 +45,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
 # conf/hydra names each run's folder <date>_<time>_<this tag>: runs started in the same second never share one
 os.environ["CAPTIONING_RUN_TAG"] = f"{os.getpid()}-{secrets.token_hex(2)}"
+# the encoder/decoder configs name their schemas (types checked while composing): Hydra must know them first
+register_schemas()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -95,23 +101,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data)
+    feature_encoder = partial(_feature_encoder, cfg) if cfg.data.get("feature_cache") else None
+    datamodule: CaptionDataModule = instantiate(cfg.data, feature_encoder=feature_encoder)
     datamodule.prepare_data()
-    datamodule.setup()
-    model = instantiate(cfg.model, vocab=datamodule.vocab.tokens, image_size=datamodule.image_size)
+    model = _build_model(cfg.model, datamodule.vocab.tokens, datamodule.image_size)
     if cfg.get("init_from"):
         model.init_from(cfg.init_from)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if datamodule.feature_cache:
-        _use_feature_cache(model, datamodule, trainer, cfg.ckpt_path)
     run_config = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(run_config, resolve=True))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / "data_splits.json", datamodule.split_image_ids())
+        write_json(output_dir / "data_splits.json", datamodule.corpus.split_image_ids())
 
     metrics: dict[str, float] = {}
     if cfg.train:
@@ -133,6 +137,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         _print_table(metrics)
         log.info("outputs in %s", output_dir)
     return metrics
+
+
+def _build_model(model: DictConfig, vocab: list[str], image_size: int) -> CaptioningLitModule:
+    """The Lightning module: its encoder and decoder settings stay plain data (stored in checkpoints);
+    the optimizer and scheduler nodes become the ``_partial_`` factories it calls in ``configure_optimizers``."""
+    scheduler = instantiate(model.scheduler) if model.get("scheduler") else None  # model/scheduler=none: empty
+    return instantiate(model, vocab=vocab, image_size=image_size, optimizer=instantiate(model.optimizer),
+                       scheduler=scheduler)
 
 
 def _strict_json(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -163,17 +175,17 @@ def _leave_one_out(references: dict[int, list[str]], captions: dict[int, str]) -
             | {f"model_loo/{name}": value for name, value in result.model.items()})
 
 
-def _use_feature_cache(model: CaptioningModule, datamodule: CaptionDataModule, trainer: pl.Trainer,
-                       ckpt_path: str | None) -> None:
-    """Serve the frozen encoder's cached outputs, computed on the trainer's device with the weights in use."""
-    if ckpt_path:  # the checkpoint's encoder weights are the ones the run will use
-        model.load_encoder_weights(ckpt_path)
-    encoder = model.captioner.encoder
-    encoder.to(trainer.strategy.root_device)
-    try:
-        datamodule.use_encoder_features(encoder)
-    finally:
-        encoder.to("cpu")
+def _feature_encoder(cfg: DictConfig) -> CNNEncoder:
+    """The frozen encoder that computes the feature cache: the run's ``model.encoder``, with the weights the
+    run will use (a checkpoint's, when resuming, evaluating or initialising from one)."""
+    from captioning.checkpoints import load_checkpoint, network_state
+    from captioning.models.encoder_decoder import build_encoder
+
+    encoder = build_encoder(OmegaConf.to_container(cfg.model.encoder, resolve=True))
+    weights_from = cfg.ckpt_path or cfg.get("init_from")
+    if weights_from:
+        encoder.load_state_dict(network_state(load_checkpoint(weights_from), "encoder"))
+    return encoder
 
 
 def _checkpoint_to_test(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
@@ -225,11 +237,11 @@ def explain_unknown_override(argv: list[str]) -> str | None:
             return None
         parent_key = cause.full_key.rpartition(".")[0]
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[o for o in overrides if not o.startswith(f"{cause.full_key}=")])
+            cfg = compose("train", overrides=[o for o in overrides if not o.lstrip("+").startswith(f"{cause.full_key}=")])
         parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
         if not isinstance(parent, DictConfig):
             return None
-        valid = ", ".join(sorted(str(key) for key in parent.keys()))
+        valid = ", ".join(sorted(str(key) for key in parent.keys() if not str(key).startswith("_")))
         return (f"unknown setting {cause.full_key!r}. Settings of {parent_key or 'the config'}: {valid}. "
                 f"(To add a new key on purpose, write +{cause.full_key}=...)")
     del cfg

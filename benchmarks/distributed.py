@@ -39,10 +39,17 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import captioning.module
+from captioning.data.build import build_datamodule
 from captioning.data.datamodule import CaptionDataModule
 from captioning.data.shapes import ShapesConfig, ensure_shapes_dataset
 from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_predictions
-from captioning.module import CaptioningModule
+from captioning.models.decoders import ShowTellDecoder
+from captioning.models.encoder_decoder import target_of
+from captioning.models.encoders import CNNEncoder
+from captioning.module import CaptioningLitModule
+
+CNN = target_of(CNNEncoder)
+SHOW_TELL = target_of(ShowTellDecoder)
 
 log = logging.getLogger("benchmarks.distributed")
 
@@ -101,15 +108,15 @@ class EpochEndTimer:
 
     def patches(self) -> contextlib.ExitStack:
         """Installs the stand-ins until exit (the collectives in ``captioning.module``, where it looks them up)."""
-        score_predictions = CaptioningModule._score_predictions
+        score_predictions = CaptioningLitModule._score_predictions
 
-        def timed_score_predictions(module: CaptioningModule, stage: str) -> None:
+        def timed_score_predictions(module: CaptioningLitModule, stage: str) -> None:
             start = time.perf_counter()
             score_predictions(module, stage)
             self.epoch_end_seconds += time.perf_counter() - start
 
         stack = contextlib.ExitStack()
-        stack.enter_context(mock.patch.object(CaptioningModule, "_score_predictions", timed_score_predictions))
+        stack.enter_context(mock.patch.object(CaptioningLitModule, "_score_predictions", timed_score_predictions))
         stack.enter_context(mock.patch.object(captioning.module, "gather_predictions", self.gather))
         stack.enter_context(mock.patch.object(captioning.module, "broadcast_from_rank_zero", self.broadcast))
         return stack
@@ -133,15 +140,14 @@ class EpochEndTimer:
         return result
 
 
-def build(args: argparse.Namespace) -> tuple[CaptionDataModule, CaptioningModule]:
-    """The data and a small seeded model, built the same way in every run and on every rank."""
-    data = CaptionDataModule(args.data_root, SPLITS, image_size=args.image_size, batch_size=args.batch_size,
-                             min_word_count=1)
-    data.setup("fit")
+def build(args: argparse.Namespace) -> tuple[CaptionDataModule, CaptioningLitModule]:
+    """The data (Lightning sets it up) and a small seeded model, built the same way in every run and on every rank."""
+    data = build_datamodule(args.data_root, SPLITS, image_size=args.image_size, batch_size=args.batch_size,
+                            min_word_count=1)
     pl.seed_everything(args.seed, verbose=False)
-    model = CaptioningModule(
-        data.vocab.tokens, {"backbone": "resnet18"},
-        {"type": "show_tell", "embed_dim": 16, "hidden_size": 32, "dropout": 0.0}, max_decode_length=8)
+    model = CaptioningLitModule(
+        data.vocab.tokens, {"_target_": CNN, "backbone": "resnet18"},
+        {"_target_": SHOW_TELL, "embed_dim": 16, "hidden_size": 32, "dropout": 0.0}, max_decode_length=8)
     return data, model
 
 

@@ -2,12 +2,12 @@
 
 Show-Attend-Tell at 224 px (the COCO recipe's decoder: embedding, attention and hidden size 512)
 on real COCO photos, with the encoder frozen. Each source trains in its own fresh process (so its
-peak RSS is its own) through the real path: ``CaptionDataModule`` (plain, ``image_cache=true`` or
-``feature_cache=true``) -> ``CaptioningModule.training_step`` -> backward -> Adam. The caches are
-written first, once, and that one-off cost is reported apart. Images/s counts the steps after the
-first (warm-up), data loading included; "loading alone" is the rate the training loader delivers
-with no model, what the source could feed an accelerator per loading process. Prints a table;
-writes JSON with ``--json FILE``.
+peak RSS is its own) through the real path: ``build_datamodule`` (plain, ``image_cache=true`` or
+``feature_cache=true`` with the model's frozen encoder) -> ``CaptioningLitModule.training_step`` -> backward
+-> Adam. The caches are written first, once (by the data module's ``setup``), and that one-off cost is
+reported apart. Images/s counts the steps after the first (warm-up), data loading included; "loading
+alone" is the rate the training loader delivers with no model, what the source could feed an
+accelerator per loading process. Prints a table; writes JSON with ``--json FILE``.
 
     python benchmarks/training.py --json training.json
     python benchmarks/training.py --captions-per-image random --json training_one_caption.json
@@ -31,8 +31,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from captioning.data.build import build_datamodule
 from captioning.data.datamodule import CaptionDataModule
-from captioning.module import CaptioningModule
+from captioning.models.decoders import ShowAttendTellDecoder
+from captioning.models.encoder_decoder import target_of
+from captioning.models.encoders import CNNEncoder
+from captioning.module import CaptioningLitModule
+
+SHOW_ATTEND_TELL = target_of(ShowAttendTellDecoder)
+CNN = target_of(CNNEncoder)
 
 SHARED_DIR = Path(os.environ.get("CAPTIONING_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 MINI = SHARED_DIR / "data" / "coco-val2017-mini"
@@ -65,54 +72,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_data(args: argparse.Namespace, cache_dir: Path, source: str) -> CaptionDataModule:
-    """One data module whose three splits are the whole annotation file (only train is timed)."""
+def build_run(args: argparse.Namespace, cache_dir: Path, source: str) -> tuple[CaptionDataModule, CaptioningLitModule]:
+    """One data module whose three splits are the whole annotation file (only train is timed), and the model
+    it feeds: the annotations are read and the images checked (the vocabulary), but no cache is written or
+    opened before ``data.setup()``; with ``features`` the cache is that model's encoder's."""
     split = {"annotations": str(args.annotations.resolve()), "images": str(args.images.resolve())}
-    data = CaptionDataModule(
+    data = build_datamodule(
         Path("/"), {name: split for name in ("train", "val", "test")}, image_size=args.image_size,
         batch_size=args.batch_size, num_workers=args.num_workers, min_word_count=1,
         train_captions_per_image=args.captions_per_image, image_cache=source == "image_cache",
         image_cache_dir=cache_dir / "images", feature_cache=source == "features",
-        feature_cache_dir=cache_dir / "features")
-    data.setup()
-    return data
+        feature_cache_dir=cache_dir / "features", feature_encoder=lambda: model.net.encoder)  # called by setup()
+    model = build_model(args, data)
+    return data, model
 
 
-def build_model(args: argparse.Namespace, data: CaptionDataModule) -> CaptioningModule:
+def build_model(args: argparse.Namespace, data: CaptionDataModule) -> CaptioningLitModule:
     """The same weights in every process (seeded), the encoder frozen."""
     torch.manual_seed(args.seed)
     size = args.hidden_size
-    encoder = {"backbone": args.backbone, "weights": PRETRAINED.get(args.backbone), "grid_size": args.grid_size,
-               "trainable_stages": 0}
-    decoder = {"type": "show_attend_tell", "embed_dim": size, "attention_dim": size, "hidden_size": size,
+    encoder = {"_target_": CNN, "backbone": args.backbone, "weights": PRETRAINED.get(args.backbone),
+               "grid_size": args.grid_size, "trainable_stages": 0}
+    decoder = {"_target_": SHOW_ATTEND_TELL, "embed_dim": size, "attention_dim": size, "hidden_size": size,
                "dropout": 0.5}
-    return CaptioningModule(data.vocab.tokens, encoder, decoder, image_size=args.image_size,
+    return CaptioningLitModule(data.vocab.tokens, encoder, decoder, image_size=args.image_size,
                             optimizer=lambda params: torch.optim.Adam(params, lr=4e-4))
 
 
 def write_caches(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
     """Write the image cache and the feature cache once; their one-off cost in seconds."""
     costs = {}
-    if "image_cache" in args.sources:
-        start = time.perf_counter()
-        build_data(args, cache_dir, "image_cache")
-        costs["image_cache"] = time.perf_counter() - start
-    if "features" in args.sources:
-        data = build_data(args, cache_dir, "features")
-        model = build_model(args, data)
-        start = time.perf_counter()
-        data.use_encoder_features(model.captioner.encoder)
-        costs["features"] = time.perf_counter() - start
+    for source in ("image_cache", "features"):
+        if source in args.sources:
+            data, _ = build_run(args, cache_dir, source)
+            start = time.perf_counter()
+            data.setup()
+            costs[source] = time.perf_counter() - start
     return costs
 
 
 def train_steps(args: argparse.Namespace, cache_dir: Path, source: str) -> dict[str, Any]:
     """Time ``args.steps`` optimiser steps from ``source`` in this process; its peak RSS."""
     warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)`")  # no Trainer: nothing to log
-    data = build_data(args, cache_dir, source)
-    model = build_model(args, data)
-    if source == "features":
-        data.use_encoder_features(model.captioner.encoder)  # complete: opened, not computed
+    data, model = build_run(args, cache_dir, source)
+    data.setup()  # the caches are complete: opened, not computed
     loading = loading_rate(data, args.steps)
     optimizer = model.configure_optimizers()
     model.train()

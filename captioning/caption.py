@@ -32,19 +32,16 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from captioning.checkpoints import check_finite, describe, load_checkpoint
+from captioning.checkpoints import check_finite, describe, load_checkpoint, network_state
 from captioning.data.datasets import IMAGE_EXTENSIONS
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.tokenize import detokenize
 from captioning.data.transforms import build_image_transform
 from captioning.data.vocab import Vocabulary
 from captioning.decoding import GenerationSettings, generate
-from captioning.models.captioner import EncoderDecoder, build_captioner
+from captioning.models.encoder_decoder import EncoderDecoder, build_encoder_decoder
 
 log = logging.getLogger(__name__)
-
-MODEL_PREFIX = "captioner."  # CaptioningModule keeps its EncoderDecoder as `self.captioner`
-
 
 @dataclass
 class CaptionResult:
@@ -106,10 +103,8 @@ class Captioner:
                                           length_penalty=length_penalty, block_trigrams=block_trigrams)
         # the checkpoint holds every weight: build the encoder without loading (or downloading) any
         encoder = {**settings["encoder"], "weights": None, "weights_path": None}
-        model = build_captioner(len(vocab), encoder, settings["decoder"])
-        state = {key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
-                 if key.startswith(MODEL_PREFIX)}
-        model.load_state_dict(state)
+        model = build_encoder_decoder(len(vocab), encoder, settings["decoder"])
+        model.load_state_dict(network_state(checkpoint))
         return cls(model, vocab, settings.get("image_size") or 224, generation, resolve_device(device))
 
     def caption(self, images: Sequence[str | Path], batch_size: int = 16) -> list[CaptionResult]:

@@ -224,6 +224,12 @@ def _looks_like_text(file: Path) -> bool:
     return all(ch.isprintable() or ch.isspace() for ch in sample.decode("utf-8"))
 
 
-def parameters_of(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` tensors under ``prefix`` (e.g. ``captioner.encoder.``), the prefix removed."""
+# CaptioningLitModule keeps its EncoderDecoder as ``self.net``: the network's tensors in a checkpoint start with this
+NET_PREFIX = "net."
+
+
+def network_state(checkpoint: Mapping[str, Any], part: str = "") -> dict[str, torch.Tensor]:
+    """The ``EncoderDecoder``'s tensors in a training checkpoint (``part="encoder"``: the encoder's only),
+    named as that module names them."""
+    prefix = NET_PREFIX + (f"{part}." if part else "")
     return {name[len(prefix):]: value for name, value in checkpoint["state_dict"].items() if name.startswith(prefix)}

@@ -1,9 +1,10 @@
-"""Fail fast on settings no component accepts, listing the ones it does.
+"""Fail fast on what Hydra's composition cannot check, naming the setting.
 
-Hydra refuses an override of a key the config lacks; a key *added* with ``+`` (or a typo in a
-config file) would otherwise only fail deep inside ``instantiate``, after data preparation. This
-checks every instantiated node against its target's signature, and builds the optimizer and the
-learning-rate scheduler on a dummy parameter, before anything runs.
+Hydra refuses an override of a key the config lacks, and the encoder/decoder schemas
+(``captioning.schemas``) refuse a value of the wrong type while composing. What is left is checked
+here, before any data is read: a key *added* with ``+`` (or a typo in a config file) against its
+target's signature, an encoder or decoder ``_target_`` that is not a known component, numbers out of
+range, the decoding settings, and the optimizer and learning-rate scheduler, built on a dummy parameter.
 """
 
 import inspect
@@ -71,17 +72,16 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
         target = get_method(node["_target_"])
         _check(node, _parameters(target), section, node["_target_"])
     if model is not None:
-        from captioning.models.captioner import DECODERS
-        from captioning.models.encoders import CNNEncoder
+        from captioning.models.encoder_decoder import DECODERS, ENCODERS, component_class
 
-        _check(model.get("encoder") or {}, _parameters(CNNEncoder), "model.encoder", "CNNEncoder")
-        decoder = dict(model.get("decoder") or {})
-        kind = decoder.pop("type", "show_tell")
-        if kind not in DECODERS:
-            raise ConfigError(f"model.decoder.type {kind!r} is unknown; choose one of {sorted(DECODERS)}")
-        accepted = _parameters(DECODERS[kind])
-        _check(decoder, None if accepted is None else accepted - {"vocab_size", "encoder_dim"}, "model.decoder",
-               DECODERS[kind].__name__)
+        for key, known, bound in (("encoder", ENCODERS, set()), ("decoder", DECODERS, {"vocab_size", "encoder_dim"})):
+            node = model.get(key) or {}
+            try:
+                target = component_class(node, known, f"model.{key}")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            accepted = _parameters(target)
+            _check(node, None if accepted is None else accepted - bound, f"model.{key}", target.__name__)
         _check_generation(model)
 
 

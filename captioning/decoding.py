@@ -18,6 +18,7 @@ import torch
 
 from captioning.models.decoders import CaptionDecoder, PreparedImages
 from captioning.models.encoders import EncodedImages
+from captioning.errors import check_choice
 
 Images = EncodedImages | PreparedImages  # the encoder's outputs, or the decoder's prepared ones
 Strategy = Literal["greedy", "beam", "sample"]
@@ -64,7 +65,7 @@ class SpecialTokens:
         return cls(ids.bos_id, ids.eos_id, ids.pad_id, ids.unk_id)
 
 
-# a CaptioningModule hyperparameter -> the GenerationSettings field it sets (names kept for old checkpoints)
+# a CaptioningLitModule hyperparameter -> the GenerationSettings field it sets (names kept for old checkpoints)
 HPARAM_FIELDS = {"beam_size": "beam_size", "max_decode_length": "max_length", "length_penalty": "length_penalty",
                  "block_trigrams": "block_trigrams", "allow_unk": "allow_unk"}
 
@@ -92,8 +93,7 @@ class GenerationSettings:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        check_choice(self.strategy, STRATEGIES, "strategy")
         _check_int("beam_size", self.beam_size, 1)
         if self.beam_size > 1 and self.strategy != "beam":
             raise ValueError(f"beam_size={self.beam_size} needs strategy='beam' (strategy is {self.strategy!r})")
@@ -114,7 +114,7 @@ class GenerationSettings:
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], **overrides: Any) -> "GenerationSettings":
-        """The decoding a training run validated with, from its ``CaptioningModule`` hyperparameters (as a
+        """The decoding a training run validated with, from its ``CaptioningLitModule`` hyperparameters (as a
         checkpoint stores them), with ``overrides`` by field name (None keeps the run's value).
 
         The module and ``Captioner.from_checkpoint`` both build their settings here. Without a

@@ -1,15 +1,14 @@
-"""CaptioningModule: the LightningModule that trains an ``EncoderDecoder`` and scores its captions."""
+"""CaptioningLitModule: the LightningModule that trains an ``EncoderDecoder`` and scores its captions."""
 
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.trainer.states import TrainerFn
 
 from captioning.checkpoints import check_finite, describe, load_checkpoint
 from captioning.config import CheckpointMismatchError
@@ -20,8 +19,8 @@ from captioning.decoding import GenerationSettings, generate
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_predictions
 from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
-from captioning.models.captioner import build_captioner
 from captioning.models.decoders import DecoderOutput, PreparedImages
+from captioning.models.encoder_decoder import build_encoder_decoder
 from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,15 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
-class CaptioningModule(pl.LightningModule):
+@runtime_checkable
+class ReferenceCaptions(Protocol):
+    """What the module needs of its data module besides batches: each split's human captions."""
+
+    def references(self, split: str) -> dict[int, list[str]]:
+        """Raw reference captions by image id."""
+
+
+class CaptioningLitModule(pl.LightningModule):
     """Teacher-forced training with masked cross-entropy; validation/test generate and score captions.
 
     The vocabulary and the encoder/decoder settings are hyperparameters, so a checkpoint alone
@@ -72,15 +79,16 @@ class CaptioningModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
         self.vocab = Vocabulary(vocab)
-        self.captioner = build_captioner(len(self.vocab), encoder, decoder)
+        self.net = build_encoder_decoder(len(self.vocab), encoder, decoder)
         self.generation = GenerationSettings.from_hparams(self.hparams)  # checked now, not at the first validation
         self.sampling_schedule = SamplingSchedule(**scheduled_sampling) if scheduled_sampling else None
         self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler or None  # model/scheduler=none composes to an empty node
+        self.scheduler_factory = scheduler
         self._predictions: dict[int, list[int]] = {}
         self._losses: dict[int, tuple[float, int]] = {}  # image id -> (summed NLL, words) of its references
         self._samples: list[tuple[int, torch.Tensor]] = []
         self._evaluators: dict[str, CocoCaptionEvaluator] = {}
+        self._encoder_identity: dict[str, Any] | None = None  # of self.net.encoder, for batches of cached features
         self.test_captions: dict[int, str] = {}
         self.test_metrics: dict[str, float] = {}
 
@@ -90,10 +98,10 @@ class CaptioningModule(pl.LightningModule):
         features = self.encode_batch(batch).select(batch.caption_image_index)
         probability = self.sampling_schedule.probability(self.current_epoch) if self.sampling_schedule else 0.0
         if probability > 0:
-            output = scheduled_sampling_forward(self.captioner.decoder, features, batch.tokens, batch.lengths,
+            output = scheduled_sampling_forward(self.net.decoder, features, batch.tokens, batch.lengths,
                                                 probability)
         else:
-            output = self.captioner.decoder(features, batch.tokens, batch.lengths)
+            output = self.net.decoder(features, batch.tokens, batch.lengths)
         loss = self._loss(output, batch, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.tokens.shape[0])
         return loss
@@ -101,8 +109,9 @@ class CaptioningModule(pl.LightningModule):
     def encode_batch(self, batch: CaptionBatch) -> PreparedImages:
         """The batch's images through the encoder, or its cached encoder features, ready for the decoder."""
         if batch.features is not None:
-            return self.captioner.encode_cached(batch.features)
-        return self.captioner.encode(batch.images)
+            self._check_features_from(batch)
+            return self.net.encode_cached(batch.features)
+        return self.net.encode(batch.images)
 
     def _loss(self, output: DecoderOutput, batch: CaptionBatch, label_smoothing: float = 0.0) -> torch.Tensor:
         loss = masked_cross_entropy(output.logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)
@@ -123,7 +132,7 @@ class CaptioningModule(pl.LightningModule):
         features = self.encode_batch(batch)
         if batch.tokens.numel():
             self._record_losses(batch, features)
-        decoded = generate(self.captioner.decoder, features, self.vocab, self.generation)
+        decoded = generate(self.net.decoder, features, self.vocab, self.generation)
         for image_id, tokens in zip(batch.image_ids.tolist(), decoded.tokens.tolist()):
             self._predictions[image_id] = tokens
         if stage == "val" and batch_idx == 0:
@@ -134,7 +143,7 @@ class CaptioningModule(pl.LightningModule):
     def _record_losses(self, batch: CaptionBatch, features: PreparedImages) -> None:
         """Each image's summed reference NLL and word count, kept by image id (a DDP sampler's
         padding repeats images; the id counts them once)."""
-        output = self.captioner.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
+        output = self.net.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
         nll, words = caption_negative_log_likelihood(output.logits, batch.tokens[:, 1:], self.vocab.pad_id)
         rows = batch.image_ids.shape[0]
         image_nll = nll.new_zeros(rows).index_add_(0, batch.caption_image_index, nll)  # (images,)
@@ -169,7 +178,7 @@ class CaptioningModule(pl.LightningModule):
 
     def _log_samples(self, captions: dict[int, str]) -> None:
         """A few validation images with their generated and reference captions, for TensorBoard."""
-        references = self.trainer.datamodule.references("val")
+        references = self._references("val")
         for logger in self.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 continue
@@ -183,31 +192,37 @@ class CaptioningModule(pl.LightningModule):
 
     def _evaluator(self, stage: str) -> CocoCaptionEvaluator:
         if stage not in self._evaluators:
-            self._evaluators[stage] = CocoCaptionEvaluator(self.trainer.datamodule.references(stage))
+            self._evaluators[stage] = CocoCaptionEvaluator(self._references(stage))
         return self._evaluators[stage]
 
+    def _references(self, stage: str) -> dict[int, list[str]]:
+        """The split's reference captions, from the trainer's data module (``ReferenceCaptions``)."""
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, ReferenceCaptions):
+            raise TypeError(f"scoring {stage} captions needs the reference captions: give the trainer a data module "
+                            "with references(split) (CaptionDataModule has it)")
+        return datamodule.references(stage)
+
     def on_train_start(self) -> None:
-        self._check_cached_features()
+        self._encoder_identity = None  # weights may have been loaded since: compute it again
 
     def on_validation_start(self) -> None:
-        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING:
-            self._check_cached_features()  # while fitting, the sanity check and on_train_start suffice
+        self._encoder_identity = None
 
     def on_test_start(self) -> None:
-        self._check_cached_features()
+        self._encoder_identity = None
 
-    def _check_cached_features(self) -> None:
-        """Cached features must come from this very encoder (e.g. not from other weights than a checkpoint's)."""
-        cache = getattr(self.trainer.datamodule, "features", None)
-        if cache is None:
-            return
-        if not self.captioner.encoder.frozen:
-            raise ValueError("the data module serves cached encoder features, but this model's encoder trains: "
+    def _check_features_from(self, batch: CaptionBatch) -> None:
+        """Cached features must come from this very encoder (not from other weights than a checkpoint's, say)."""
+        if not self.net.encoder.frozen:
+            raise ValueError("the batches carry cached encoder features, but this model's encoder trains: "
                              "set model.encoder.trainable_stages=0 or data.feature_cache=false")
-        if cache.identity != self.captioner.encoder.cache_identity():
-            raise ValueError(f"the feature cache {cache.directory} was computed by another encoder than this "
-                             "model's (other weights, grid or normalisation): give use_encoder_features() this "
-                             "model's encoder, with its final weights loaded")
+        if self._encoder_identity is None:
+            self._encoder_identity = self.net.encoder.cache_identity()
+        if batch.features_from != self._encoder_identity:
+            raise ValueError("the batches carry features computed by another encoder than this model's (other "
+                             "weights, grid or normalisation): compute the feature cache with this model's encoder, "
+                             "its final weights loaded")
 
     def teardown(self, stage: str) -> None:
         for evaluator in self._evaluators.values():
@@ -226,18 +241,11 @@ class CaptioningModule(pl.LightningModule):
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters; the encoder's in their own group when ``encoder_lr`` is set."""
-        encoder = [p for p in self.captioner.encoder.parameters() if p.requires_grad]
-        decoder = [p for p in self.captioner.decoder.parameters() if p.requires_grad]
+        encoder = [p for p in self.net.encoder.parameters() if p.requires_grad]
+        decoder = [p for p in self.net.decoder.parameters() if p.requires_grad]
         if self.hparams.encoder_lr is None:
             return [{"params": encoder + decoder}]
         return [{"params": decoder}, {"params": encoder, "lr": self.hparams.encoder_lr}]
-
-    def load_encoder_weights(self, checkpoint_path: str | os.PathLike) -> None:
-        """Only the encoder's weights from a checkpoint of this model (e.g. to compute its cached features)."""
-        state = load_checkpoint(checkpoint_path)["state_dict"]  # local file, data only; errors name the file
-        prefix = "captioner.encoder."
-        self.captioner.encoder.load_state_dict(
-            {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)})
 
     def init_from(self, checkpoint_path: str | os.PathLike) -> None:
         """Start from a checkpoint's model weights only (a new run: optimizer, scheduler and epoch start afresh).

@@ -16,8 +16,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from captioning.data.datamodule import CaptionDataModule
-from captioning.module import CaptioningModule
+from captioning.data.build import build_datamodule
+from captioning.models.decoders import ShowTellDecoder
+from captioning.models.encoder_decoder import target_of
+from captioning.models.encoders import CNNEncoder
+from captioning.module import CaptioningLitModule
+
+CNN = target_of(CNNEncoder)
+SHOW_TELL = target_of(ShowTellDecoder)
 
 SPLITS = {split: {"annotations": f"annotations/captions_{split}.json", "images": f"images/{split}"}
           for split in ("train", "val", "test")}
@@ -31,12 +37,11 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
-    data = CaptionDataModule(args.data_root, SPLITS, image_size=64, batch_size=3, min_word_count=1)
-    data.setup("fit")
+    data = build_datamodule(args.data_root, SPLITS, image_size=64, batch_size=3, min_word_count=1)
     pl.seed_everything(0)
-    model = CaptioningModule(
-        data.vocab.tokens, {"backbone": "resnet18"},
-        {"type": "show_tell", "embed_dim": 16, "hidden_size": 32, "dropout": 0.0}, max_decode_length=8)
+    model = CaptioningLitModule(
+        data.vocab.tokens, {"_target_": CNN, "backbone": "resnet18"},
+        {"_target_": SHOW_TELL, "embed_dim": 16, "hidden_size": 32, "dropout": 0.0}, max_decode_length=8)
     settings = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
                 "enable_progress_bar": False, "enable_model_summary": False}
     if args.train_steps:

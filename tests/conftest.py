@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 
 from captioning.data.shapes import ShapesConfig, ensure_shapes_dataset
+from captioning.schemas import register_schemas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("CAPTIONING_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 TINY_SHAPES = ShapesConfig(num_train=48, num_val=10, num_test=12, image_size=64, seed=3)
+
+register_schemas()  # the tests compose conf/ without train.py's main
 
 
 @pytest.fixture(scope="session")

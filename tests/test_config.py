@@ -55,8 +55,28 @@ def test_a_mistyped_override_fails_at_once_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="model.decoder.hiden_size is not a setting of ShowAttendTellDecoder; "
                                           "valid settings: attention_dim, cell"):
         check_config(_compose(["+model.decoder.hiden_size=3"]))
-    with pytest.raises(ConfigError, match="data.batchsize is not a setting of .*CaptionDataModule"):
+    with pytest.raises(ConfigError, match="data.batchsize is not a setting of captioning.data.build.build_datamodule"):
         check_config(_compose(["+data.batchsize=3"]))
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model.decoder.hidden_size=big", "Value 'big' of type 'str' could not be converted to Integer full_key: "
+                                      "model.decoder.hidden_size object_type=ShowAttendTellDecoderConfig"),
+    ("model.encoder.trainable_stages=all", "could not be converted to Integer full_key: model.encoder.trainable_stages"),
+    ("model.decoder.gate=maybe", "Value 'maybe' is not a valid bool (type str) full_key: model.decoder.gate"),
+])
+def test_a_wrong_type_in_the_encoder_or_decoder_fails_while_composing(override: str, expected: str) -> None:
+    start = time.monotonic()
+    completed = subprocess.run([sys.executable, "train.py", override], cwd=PROJECT_ROOT, capture_output=True,
+                               text=True, timeout=120)
+    assert time.monotonic() - start < 5.0  # Hydra's schema check: before torch is imported
+    assert completed.returncode != 0 and expected in " ".join(completed.stderr.split())
+
+
+def test_a_checkpoint_or_config_builds_only_known_components() -> None:
+    with pytest.raises(ConfigError, match=r"model.decoder._target_ is 'os.system', which is not a known component: "
+                                          r"one of \['captioning.models.decoders.ShowAttendTellDecoder'"):
+        check_config(_compose(["model.decoder._target_=os.system"]))
 
 
 def test_the_optimizer_and_the_scheduler_are_built_before_anything_runs() -> None:

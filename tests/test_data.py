@@ -1,9 +1,9 @@
 import csv
 import json
+import random
 import shutil
 import struct
 import zlib
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -15,9 +15,15 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from captioning.data.batch import collate_captions
-from captioning.data.datamodule import CaptionDataModule
-from captioning.data.datasets import (KARPATHY_SPLITS, AnnotationError, load_annotations, load_caption_table,
-                                      load_coco_captions, load_karpathy_split)
+from captioning.data.build import build_datamodule
+from captioning.data.datasets import (
+    KARPATHY_SPLITS,
+    AnnotationError,
+    load_annotations,
+    load_caption_table,
+    load_coco_captions,
+    load_karpathy_split,
+)
 from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import SPECIAL_TOKENS, Vocabulary
@@ -94,7 +100,7 @@ def test_vocabulary_round_trips_and_applies_min_count() -> None:
 
 
 def test_collate_pads_with_zero_and_maps_captions_to_their_images(tiny_shapes: Path) -> None:
-    datamodule = CaptionDataModule(tiny_shapes, SPLITS, image_size=64, batch_size=4, min_word_count=1)
+    datamodule = build_datamodule(tiny_shapes, SPLITS, image_size=64, batch_size=4, min_word_count=1)
     datamodule.setup()
     dataset = datamodule._datasets["val"]
     batch = collate_captions([dataset[0], dataset[1]])
@@ -111,7 +117,7 @@ def test_collate_pads_with_zero_and_maps_captions_to_their_images(tiny_shapes: P
 
 
 def test_datamodule_visits_every_evaluation_image_once_and_builds_vocab_from_train(tiny_shapes: Path) -> None:
-    datamodule = CaptionDataModule(tiny_shapes, SPLITS, image_size=64, batch_size=5, min_word_count=1)
+    datamodule = build_datamodule(tiny_shapes, SPLITS, image_size=64, batch_size=5, min_word_count=1)
     datamodule.setup()
     seen = torch.cat([b.image_ids for b in datamodule.val_dataloader()]).tolist()
     assert sorted(seen) == sorted(datamodule.references("val")) and len(seen) == TINY_SHAPES.num_val
@@ -120,7 +126,7 @@ def test_datamodule_visits_every_evaluation_image_once_and_builds_vocab_from_tra
 
 
 def test_random_caption_sampling_draws_one_caption_per_image(tiny_shapes: Path) -> None:
-    datamodule = CaptionDataModule(tiny_shapes, SPLITS, image_size=64, batch_size=6, min_word_count=1,
+    datamodule = build_datamodule(tiny_shapes, SPLITS, image_size=64, batch_size=6, min_word_count=1,
                                    train_captions_per_image="random")
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
@@ -128,7 +134,7 @@ def test_random_caption_sampling_draws_one_caption_per_image(tiny_shapes: Path) 
 
 
 def test_pair_sampling_visits_every_caption_once_per_epoch(tiny_shapes: Path) -> None:
-    datamodule = CaptionDataModule(tiny_shapes, SPLITS, image_size=32, batch_size=8, min_word_count=1,
+    datamodule = build_datamodule(tiny_shapes, SPLITS, image_size=32, batch_size=8, min_word_count=1,
                                    train_captions_per_image="pairs")
     datamodule.setup()
     dataset = datamodule._datasets["train"]
@@ -146,7 +152,7 @@ def test_pair_sampling_visits_every_caption_once_per_epoch(tiny_shapes: Path) ->
         assert batch.caption_image_index.tolist() == list(range(8))
     assert len(datamodule._datasets["val"]) == TINY_SHAPES.num_val  # evaluation stays one item per image
     with pytest.raises(ValueError, match="train_captions_per_image must be one of"):
-        CaptionDataModule(tiny_shapes, SPLITS, train_captions_per_image="pair")
+        build_datamodule(tiny_shapes, SPLITS, train_captions_per_image="pair")
 
 
 def _coco(root: Path, name: str, num_images: int, first_id: int = 1) -> dict[str, str]:
@@ -168,10 +174,10 @@ def test_val_from_train_holds_out_a_seeded_stable_draw(tmp_path: Path) -> None:
     train_ids = list(range(1, 41))
 
     def split_ids(seed: int) -> dict[str, list[int]]:
-        datamodule = CaptionDataModule(tmp_path, splits, image_size=8, min_word_count=1, val_from_train=10,
+        datamodule = build_datamodule(tmp_path, splits, image_size=8, min_word_count=1, val_from_train=10,
                                        split_seed=seed)
         datamodule.setup()
-        ids = datamodule.split_image_ids()
+        ids = datamodule.corpus.split_image_ids()
         assert {f"thing{i}" for i in ids["train"]} <= set(datamodule.vocab.tokens)
         assert not {f"thing{i}" for i in ids["val"]} & set(datamodule.vocab.tokens)  # vocabulary: train left
         assert sorted(datamodule.references("val")) == ids["val"]
@@ -190,16 +196,16 @@ def test_val_from_train_holds_out_a_seeded_stable_draw(tmp_path: Path) -> None:
 def test_val_from_train_errors_name_the_setting(tmp_path: Path) -> None:
     splits = {"train": _coco(tmp_path, "train", 12), "test": _coco(tmp_path, "test", 2, first_id=100)}
     with pytest.raises(ValueError, match=r"data.val_from_train=12 needs at least 13 captioned train images.*has 12"):
-        CaptionDataModule(tmp_path, splits, val_from_train=12).setup()
+        build_datamodule(tmp_path, splits, val_from_train=12).setup()
     with pytest.raises(ValueError, match=r"data.val_from_train=3 draws the val split from train, but "
                                          r"data.splits.val is given too"):
-        CaptionDataModule(tmp_path, {**splits, "val": splits["test"]}, val_from_train=3)
+        build_datamodule(tmp_path, {**splits, "val": splits["test"]}, val_from_train=3)
     with pytest.raises(ValueError, match=r"data.val_from_train must be a number of images >= 1"):
-        CaptionDataModule(tmp_path, splits, val_from_train=0)
+        build_datamodule(tmp_path, splits, val_from_train=0)
     with pytest.raises(ValueError, match=r"lacks \['val'\]"):
-        CaptionDataModule(tmp_path, splits)
-    with pytest.raises(RuntimeError, match="call setup"):
-        CaptionDataModule(tmp_path, splits, val_from_train=3).split_image_ids()
+        build_datamodule(tmp_path, splits)
+    before_setup = build_datamodule(tmp_path, splits, min_word_count=1, val_from_train=3).corpus.split_image_ids()
+    assert {split: len(ids) for split, ids in before_setup.items()} == {"train": 9, "val": 3, "test": 2}  # not empty
 
 
 def test_coco2017_config_validates_on_train_images_and_tests_on_val2017(shared_data: Path) -> None:
@@ -212,14 +218,14 @@ def test_coco2017_config_validates_on_train_images_and_tests_on_val2017(shared_d
     assert "val" not in cfg.data.splits
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    ids = datamodule.split_image_ids()
+    ids = datamodule.corpus.split_image_ids()
     assert [len(ids[s]) for s in ("train", "val", "test")] == [225, 25, 250]
     assert not set(ids["val"]) & set(ids["train"])
 
 
 def test_missing_split_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks \\['test'\\]"):
-        CaptionDataModule(tmp_path, {k: v for k, v in SPLITS.items() if k != "test"})
+        build_datamodule(tmp_path, {k: v for k, v in SPLITS.items() if k != "test"})
 
 
 def test_images_without_captions_are_skipped_and_counted(tiny_shapes: Path, tmp_path: Path,
@@ -231,7 +237,7 @@ def test_images_without_captions_are_skipped_and_counted(tiny_shapes: Path, tmp_
     dropped = data["images"][0]["id"]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != dropped]
     annotation_file.write_text(json.dumps(data))
-    datamodule = CaptionDataModule(root, SPLITS, image_size=64, min_word_count=1)
+    datamodule = build_datamodule(root, SPLITS, image_size=64, min_word_count=1)
     with caplog.at_level("WARNING"):
         datamodule.setup()
     assert "skipped 1 images that have no caption" in caplog.text
@@ -253,10 +259,10 @@ def test_karpathy_split_sizes_ids_and_restval_merge(shared_data: Path) -> None:
         assert len(image.captions) == 5
     splits = {split: {"annotations": "dataset_coco_mini.json", "images": ".", "subsets": [split]}
               for split in ("train", "val", "test")}
-    merged = CaptionDataModule(mini, splits, format="karpathy", image_size=32, min_word_count=1)
+    merged = build_datamodule(mini, splits, format="karpathy", image_size=32, min_word_count=1)
     merged.setup()
     assert [len(merged.references(s)) for s in ("train", "val", "test")] == [200, 25, 25]
-    apart = CaptionDataModule(mini, splits, format="karpathy", merge_restval=False, image_size=32, min_word_count=1)
+    apart = build_datamodule(mini, splits, format="karpathy", merge_restval=False, image_size=32, min_word_count=1)
     apart.setup()
     assert len(apart.references("train")) == 175
 
@@ -265,7 +271,7 @@ def test_the_grayscale_coco_photo_loads_as_three_channels(shared_data: Path) -> 
     mini = shared_data / "coco-val2017-mini"
     splits = {s: {"annotations": "annotations/captions_mini.json", "images": "val2017"}
               for s in ("train", "val", "test")}
-    datamodule = CaptionDataModule(mini, splits, image_size=32, min_word_count=1)
+    datamodule = build_datamodule(mini, splits, image_size=32, min_word_count=1)
     datamodule.setup()
     dataset = datamodule._datasets["val"]
     modes = {image.image_id: Image.open(image.path).mode for image in dataset.images}
@@ -352,16 +358,16 @@ def test_bad_images_stop_before_training_or_are_skipped_and_counted(tiny_shapes:
     root = tmp_path / "copy"
     shutil.copytree(tiny_shapes, root)
     missing, truncated = _break_images(root)
-    strict = CaptionDataModule(root, SPLITS, image_size=32, min_word_count=1)
+    strict = build_datamodule(root, SPLITS, image_size=32, min_word_count=1)
     with pytest.raises(ValueError, match=f"1 train images cannot be used: .*{missing.name}: file not found.*"
                                          "data.on_bad_image=skip"):
         strict.setup()
-    nowhere = CaptionDataModule(root, {**SPLITS, "val": {**SPLITS["val"], "images": "elsewhere"}}, min_word_count=1,
+    nowhere = build_datamodule(root, {**SPLITS, "val": {**SPLITS["val"], "images": "elsewhere"}}, min_word_count=1,
                                 on_bad_image="skip")
     with pytest.raises(FileNotFoundError, match="none of the 10 val images exists.*data.splits.val.images"):
         nowhere.setup()
 
-    lenient = CaptionDataModule(root, SPLITS, image_size=32, min_word_count=1, batch_size=4, on_bad_image="skip")
+    lenient = build_datamodule(root, SPLITS, image_size=32, min_word_count=1, batch_size=4, on_bad_image="skip")
     with caplog.at_level("WARNING"):
         lenient.setup()
         batches = list(lenient.train_dataloader())
@@ -395,8 +401,8 @@ def test_training_from_the_image_cache_gives_the_same_batches(shared_data: Path,
     splits = {s: {"annotations": "annotations/captions_mini.json", "images": "val2017"}
               for s in ("train", "val", "test")}
     settings = {"image_size": 48, "min_word_count": 1, "batch_size": 16}
-    decoded = CaptionDataModule(mini, splits, **settings)
-    cached = CaptionDataModule(mini, splits, image_cache=True, image_cache_dir=tmp_path / "cache", **settings)
+    decoded = build_datamodule(mini, splits, **settings)
+    cached = build_datamodule(mini, splits, image_cache=True, image_cache_dir=tmp_path / "cache", **settings)
     decoded.setup()
     cached.setup()
     assert len(list((tmp_path / "cache").iterdir())) >= 1

@@ -4,10 +4,14 @@ import pytest
 import torch
 
 from captioning.decoding import GenerationSettings, SpecialTokens, beam_search, generate, greedy_decode, sample_decode
-from captioning.models.decoders import PreparedImages
-from captioning.models.encoders import EncodedImages
-from captioning.module import CaptioningModule
+from captioning.models.decoders import PreparedImages, ShowTellDecoder
+from captioning.models.encoder_decoder import target_of
+from captioning.models.encoders import CNNEncoder, EncodedImages
+from captioning.module import CaptioningLitModule
 from tests.test_decoding import BOS, EOS, PAD, make_decoder, make_features
+
+CNN = target_of(CNNEncoder)
+SHOW_TELL = target_of(ShowTellDecoder)
 
 TOKENS = SpecialTokens(BOS, EOS, PAD)
 
@@ -50,12 +54,12 @@ def test_settings_defaults_and_the_training_hyperparameters_they_come_from() -> 
 
 
 def test_the_module_builds_its_settings_from_its_hyperparameters_once() -> None:
-    module = CaptioningModule(["<pad>", "<bos>", "<eos>", "<unk>", "a"], {"backbone": "resnet18"},
-                              {"type": "show_tell", "embed_dim": 8, "hidden_size": 8}, max_decode_length=9,
+    module = CaptioningLitModule(["<pad>", "<bos>", "<eos>", "<unk>", "a"], {"_target_": CNN, "backbone": "resnet18"},
+                              {"_target_": SHOW_TELL, "embed_dim": 8, "hidden_size": 8}, max_decode_length=9,
                               beam_size=2, length_penalty=0.5)
     assert module.generation == GenerationSettings("beam", beam_size=2, max_length=9, length_penalty=0.5)
     with pytest.raises(ValueError, match="beam_size must be an integer >= 1, got 0"):
-        CaptioningModule(["<pad>", "<bos>", "<eos>", "<unk>"], {"backbone": "resnet18"}, {"type": "show_tell"},
+        CaptioningLitModule(["<pad>", "<bos>", "<eos>", "<unk>"], {"_target_": CNN, "backbone": "resnet18"}, {"_target_": SHOW_TELL},
                          beam_size=0)
 
 

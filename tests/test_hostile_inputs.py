@@ -238,9 +238,9 @@ def test_the_caption_command_prints_no_traceback(tmp_path: Path) -> None:
 
 def _diverged_checkpoint(folder: Path) -> Path:
     path = folder / "diverged.ckpt"
-    state = {"captioner.encoder.weight": torch.ones(2, 2), "captioner.decoder.embedding.weight": torch.ones(6, 4),
-             "captioner.decoder.output.weight": torch.tensor([[1.0, float("nan")]]),
-             "captioner.decoder.output.bias": torch.tensor([float("inf")])}
+    state = {"net.encoder.weight": torch.ones(2, 2), "net.decoder.embedding.weight": torch.ones(6, 4),
+             "net.decoder.output.weight": torch.tensor([[1.0, float("nan")]]),
+             "net.decoder.output.bias": torch.tensor([float("inf")])}
     torch.save({"hyper_parameters": {"vocab": VOCAB, "encoder": {}, "decoder": {}}, "state_dict": state,
                 "pytorch-lightning_version": pl.__version__, "optimizer_states": [], "loops": {}, "epoch": 0,
                 "global_step": 1}, path)
@@ -250,7 +250,7 @@ def _diverged_checkpoint(folder: Path) -> Path:
 def test_a_checkpoint_with_non_finite_weights_is_refused_everywhere(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = _diverged_checkpoint(tmp_path)
-    expected = "has non-finite weights (2 of 4 tensors hold NaN or infinity, the first captioner.decoder.output.weight)"
+    expected = "has non-finite weights (2 of 4 tensors hold NaN or infinity, the first net.decoder.output.weight)"
     with pytest.raises(CheckpointError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         Captioner.from_checkpoint(path, device="cpu")
     assert caption_main([str(_an_image(tmp_path)), "--checkpoint", str(path)]) == 2

@@ -6,11 +6,18 @@ import torch
 import torchvision
 
 from captioning.losses import masked_cross_entropy
-from captioning.models.backbones import (IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_classifier,
-                                          packaged_lite0_weights)
-from captioning.models.captioner import build_captioner
+from captioning.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    efficientnet_lite0_classifier,
+    packaged_lite0_weights,
+)
 from captioning.models.decoders import ShowTellDecoder
+from captioning.models.encoder_decoder import build_encoder_decoder, target_of
 from captioning.models.encoders import CNNEncoder
+
+CNN = target_of(CNNEncoder)
+SHOW_TELL = target_of(ShowTellDecoder)
 
 VOCAB = 12
 BOS, EOS = 1, 2
@@ -54,8 +61,8 @@ def test_encoder_returns_global_vector_and_grid_of_any_torchvision_backbone() ->
 
 def test_a_few_training_steps_lower_the_loss() -> None:
     torch.manual_seed(0)
-    captioner = build_captioner(VOCAB, {"backbone": "resnet18"},
-                                {"type": "show_tell", "embed_dim": 16, "hidden_size": 32, "dropout": 0.0})
+    captioner = build_encoder_decoder(VOCAB, {"_target_": CNN, "backbone": "resnet18"},
+                                {"_target_": SHOW_TELL, "embed_dim": 16, "hidden_size": 32, "dropout": 0.0})
     images = torch.randn(4, 3, 32, 32)
     tokens, lengths = _captions([6, 4, 5, 6], torch.Generator().manual_seed(2))
     index = torch.arange(4)
@@ -72,8 +79,8 @@ def test_a_few_training_steps_lower_the_loss() -> None:
 
 def test_frozen_encoder_gets_no_gradient_and_keeps_its_batchnorm_statistics() -> None:
     torch.manual_seed(0)
-    captioner = build_captioner(VOCAB, {"backbone": "resnet18", "trainable_stages": 1},
-                                {"type": "show_tell", "embed_dim": 16, "hidden_size": 32})
+    captioner = build_encoder_decoder(VOCAB, {"_target_": CNN, "backbone": "resnet18", "trainable_stages": 1},
+                                {"_target_": SHOW_TELL, "embed_dim": 16, "hidden_size": 32})
     encoder = captioner.encoder
     frozen = {name: tensor.clone() for name, tensor in encoder.stages[:-1].state_dict().items()}
     assert all(not p.requires_grad for p in encoder.stages[:-1].parameters())

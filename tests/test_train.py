@@ -196,7 +196,7 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path: Path, t
     loaded_encoder = Captioner.from_checkpoint(best, device="cpu").model.encoder
     assert json.loads(manifest.read_text())["encoder"] == loaded_encoder.cache_identity()
 
-    with pytest.raises(ValueError, match=r"tensor captioner\.decoder\.\S+ is \(\d+, \d+\) in the checkpoint but"):
+    with pytest.raises(ValueError, match=r"tensor net\.decoder\.\S+ is \(\d+, \d+\) in the checkpoint but"):
         train.run(_config(tmp_path / "shape", tiny_shapes.parent,
                           [*QUICK, f"init_from={best}", "model.decoder.hidden_size=48"]))
     with pytest.raises(ValueError, match="its vocabulary (differs from this run's at id|has .* words)"):

@@ -1,7 +1,8 @@
 """The batch structure the data module hands to the model side."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -18,7 +19,8 @@ class CaptionBatch:
     feature cache, and the model then skips its encoder. ``caption_image_index[j]`` is the image
     row that caption ``j`` describes, so the encoder runs once per image however many captions
     it has. With ``train_captions_per_image=pairs`` every row has one caption and the same image
-    may fill several rows (``image_ids`` then repeats).
+    may fill several rows (``image_ids`` then repeats). ``features_from`` identifies the encoder that
+    computed ``features`` (``CNNEncoder.cache_identity()``), so the model can refuse another encoder's.
     """
 
     images: torch.Tensor | None  # (batch, 3, H, W) pixels in [0, 1]
@@ -27,15 +29,18 @@ class CaptionBatch:
     tokens: torch.Tensor  # (num_captions, max_len): <bos> words <eos>, then <pad>=0
     lengths: torch.Tensor  # (num_captions,) tokens per caption, <bos> and <eos> included
     caption_image_index: torch.Tensor  # (num_captions,)
+    features_from: dict[str, Any] | None = field(default=None, compare=False)
 
     def pin_memory(self) -> "CaptionBatch":
         """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), so copies to a GPU run async."""
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
-                                if getattr(self, f.name) is not None})
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def collate_captions(items: Sequence[DatasetItem | None]) -> CaptionBatch | None:
-    """Stack images (or features) and pad every caption in the batch to the longest one.
+def collate_captions(items: Sequence[DatasetItem | None], features_from: dict[str, Any] | None = None
+                     ) -> CaptionBatch | None:
+    """Stack images (or features, computed by the encoder ``features_from``) and pad every caption in the
+    batch to the longest one.
 
     ``None`` items (images skipped as unreadable) are dropped; a batch of nothing is ``None``,
     which the module skips.
@@ -56,4 +61,5 @@ def collate_captions(items: Sequence[DatasetItem | None]) -> CaptionBatch | None
         tokens=tokens,
         lengths=torch.tensor([len(c) for c in captions], dtype=torch.long),
         caption_image_index=torch.tensor(owners, dtype=torch.long),
+        features_from=features_from if cached else None,
     )

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from captioning.data.datasets import CaptionedImage
-from captioning.data.files import MANIFEST_NAME, locked, read_json, replace_directory, sha256_file, write_json
+from captioning.data.files import MANIFEST_NAME, locked, read_json_or_none, replace_directory, sha256_file, write_json
 from captioning.data.images import BadImage, BadImageError
 from captioning.progress import progress_bar
 
@@ -106,7 +106,7 @@ def complete_manifest(folder: Path, format_version: int, digest: str | None = No
     Checks that every listed file exists with its recorded size; contents are rehashed only on
     request (re-reading gigabytes on every start would cost more than the cache saves).
     """
-    manifest = read_json(folder / MANIFEST_NAME)
+    manifest = read_json_or_none(folder / MANIFEST_NAME)
     if not isinstance(manifest, dict) or manifest.get("format_version") != format_version:
         return None
     if digest is not None and manifest.get("key") != digest:
@@ -256,7 +256,7 @@ def _claim_staging(target: Path, record: dict[str, Any]) -> Path:
     for leftover in sorted(target.parent.glob(f".{target.name}.*partial")):
         if leftover == staging:
             continue
-        if not claimed and read_json(leftover / _STAGING_NAME) == record:
+        if not claimed and read_json_or_none(leftover / _STAGING_NAME) == record:
             try:
                 os.replace(leftover, staging)  # atomic: of two writers claiming it, one gets it
                 claimed = True
@@ -275,7 +275,7 @@ def _claim_staging(target: Path, record: dict[str, Any]) -> Path:
 
 def _finished_shard(staging: Path, number: int, chunk: list[CaptionedImage]) -> dict[str, Any] | None:
     """The record of a shard an interrupted write finished, if it is for these images and still intact."""
-    record = read_json(staging / f"shard-{number:05d}.json")
+    record = read_json_or_none(staging / f"shard-{number:05d}.json")
     shard = staging / _shard_name(number)
     if not isinstance(record, dict) or not shard.is_file() or not isinstance(record.get("bad"), list) \
             or not isinstance(record.get("notes"), dict):

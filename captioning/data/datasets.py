@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from captioning.data.images import BadImageError
 from captioning.errors import InputError
+from captioning.errors import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +298,7 @@ class CaptionDataset(Dataset[DatasetItem | None]):
         captions_per_image: str = "all",
         skip_bad_images: bool = False,
     ) -> None:
-        if captions_per_image not in CAPTIONS_PER_IMAGE:
-            raise ValueError(f"captions_per_image must be one of {CAPTIONS_PER_IMAGE}, got {captions_per_image!r}")
+        check_choice(captions_per_image, CAPTIONS_PER_IMAGE, "captions_per_image")
         self.images = list(images)
         self.load_image = load_image
         self.captions_per_image = captions_per_image

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioning.data.cache import CacheKey, Computed, Extras, RowSource, ShardedCache, read_or_failure, write_cache
 from captioning.data.datasets import CaptionedImage
 from captioning.data.image_cache import transform_parameters
+from captioning.errors import check_choice
 
 FORMAT_VERSION = 1
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -76,8 +77,7 @@ def write_feature_cache(encoder: FeatureEncoder, images: Sequence[CaptionedImage
     compute there), in ``batch_size`` images, with ``num_workers`` processes loading pixels.
     Images that fail to load are recorded, not cached: reading one raises its ``BadImageError``.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"feature cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_choice(dtype, tuple(DTYPES), "data.feature_cache_dtype")
     if not encoder.frozen:
         raise ValueError("only a frozen encoder's features can be cached (they change as it trains): set "
                          "model.encoder.trainable_stages=0, or turn the feature cache off")

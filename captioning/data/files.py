@@ -76,20 +76,10 @@ def _nonfinite_entry(data: Any, where: str = "") -> str | None:
     return None
 
 
-def read_json(path: Path) -> Any:
+def read_json_or_none(path: Path) -> Any:
     """The file's JSON, or None when it is missing or not JSON (a cache then counts as absent)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
-
-def __getattr__(name: str) -> Any:
-    """``ShardedCache`` moved to ``captioning.data.cache``; found here until datamodule.py imports it from there.
-
-    (Imported lazily: ``captioning.data.cache`` imports this module.)
-    """
-    if name == "ShardedCache":
-        from captioning.data.cache import ShardedCache
-        return ShardedCache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,6 @@ from captioning.data.cache import (
 from captioning.data.datasets import CaptionedImage
 from captioning.data.files import MANIFEST_NAME
 from captioning.data.images import BadImage, open_rgb
-from captioning.progress import progress_bar as progress_bar  # prepare.py imports it from here
 
 FORMAT_VERSION = 1
 # The key names the resize and the library versions: Pillow does the resampling (torchvision's

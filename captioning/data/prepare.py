@@ -32,11 +32,12 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from captioning.data.datasets import FORMATS, CaptionedImage, load_annotations
-from captioning.data.image_cache import ImageCacheReport, image_mapper, progress_bar, write_image_cache
+from captioning.data.image_cache import ImageCacheReport, image_mapper, write_image_cache
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import Vocabulary
 from captioning.errors import InputError
+from captioning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

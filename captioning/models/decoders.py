@@ -22,12 +22,14 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from captioning.models.attention import AdditiveAttention, BidirectionalContext
 from captioning.models.encoders import EncodedImages
+from captioning.errors import check_choice
 
 State = tuple[torch.Tensor, ...]
 
 RNN_LAYERS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 RNN_CELLS: dict[str, type[nn.RNNCellBase]] = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
 
+CELLS = tuple(RNN_CELLS)
 CONDITIONS = ("input", "state", "every_step")
 
 
@@ -76,11 +78,6 @@ class CaptionDecoder(Protocol):
     def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
                 lengths: torch.Tensor) -> DecoderOutput:
         """Teacher-forced logits for ``tokens[:, 1:]``."""
-
-
-def _check_cell(cell: str) -> None:
-    if cell not in RNN_CELLS:
-        raise ValueError(f"decoder cell must be one of {sorted(RNN_CELLS)}, got {cell!r}")
 
 
 def _state_size(cell: str, num_layers: int, hidden_size: int) -> int:
@@ -165,9 +162,8 @@ class ShowTellDecoder(nn.Module):
         init_scale: float | None = None,
     ) -> None:
         super().__init__()
-        _check_cell(cell)
-        if condition not in CONDITIONS:
-            raise ValueError(f"decoder condition must be one of {CONDITIONS}, got {condition!r}")
+        check_choice(cell, CELLS, "decoder cell")
+        check_choice(condition, CONDITIONS, "decoder condition")
         self.cell, self.condition = cell, condition
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
@@ -271,7 +267,7 @@ class ShowAttendTellDecoder(nn.Module):
         init_scale: float | None = None,
     ) -> None:
         super().__init__()
-        _check_cell(cell)
+        check_choice(cell, CELLS, "decoder cell")
         if context_encoder not in (None, "birnn"):
             raise ValueError(f"context_encoder must be null or 'birnn', got {context_encoder!r}")
         self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size

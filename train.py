@@ -216,7 +216,8 @@ def _print_table(metrics: dict[str, float]) -> None:
 
 
 def explain_unknown_override(argv: list[str]) -> str | None:
-    """For an override of a key the config lacks, a message listing the keys that do exist there.
+    """For an override of a key the config lacks, a message listing the keys that do exist there; for a
+    value of the wrong type (a schema's check, ``captioning/schemas.py``), Hydra's words with the setting.
 
     Hydra's own error says only that the key "is not in struct"; composing the overrides once more
     (a fraction of a second) finds the node and its valid keys. None when the overrides compose.
@@ -226,14 +227,19 @@ def explain_unknown_override(argv: list[str]) -> str | None:
         return None  # sweeps and config printing go to Hydra untouched
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     try:
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=overrides)
     except ConfigCompositionException as error:
         cause = error.__cause__
-        if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not getattr(cause, "full_key", None):
+        if not getattr(cause, "full_key", None):
+            return None
+        if isinstance(cause, ValidationError):
+            reason = cause.msg.splitlines()[0]  # the rest repeats the key and the schema
+            return f"{cause.full_key}: {reason} (its type is fixed by {cause.object_type_str})"
+        if not isinstance(cause, ConfigAttributeError | ConfigKeyError):
             return None
         parent_key = cause.full_key.rpartition(".")[0]
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):

@@ -83,6 +83,7 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
             accepted = _parameters(target)
             _check(node, None if accepted is None else accepted - bound, f"model.{key}", target.__name__)
         _check_generation(model)
+        _check_scst(model)
 
 
 def _check_numbers(cfg: DictConfig) -> None:
@@ -107,6 +108,18 @@ def _check_generation(model: DictConfig) -> None:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"the decoding settings model.beam_size / max_decode_length / length_penalty / "
                           f"block_trigrams / allow_unk: {error}") from None
+
+
+def _check_scst(model: DictConfig) -> None:
+    """``model.scst``, as the module will build it (``ScstSettings``)."""
+    if not model.get("scst"):
+        return
+    from captioning.scst import ScstSettings
+
+    try:
+        ScstSettings(**model.scst)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.scst: {error}") from None
 
 
 def _check_optimization(model: DictConfig) -> None:

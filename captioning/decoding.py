@@ -32,6 +32,9 @@ class DecodedCaptions:
     tokens: torch.Tensor  # (rows, max_generated)
     log_probs: torch.Tensor  # (rows,)
     attention: torch.Tensor | None = None  # (rows, max_generated, num_pixels)
+    # greedy and sample: each generated word's log-probability, 0 after <eos> (differentiable for SCST)
+    word_log_probs: torch.Tensor | None = None  # (rows, max_generated)
+    lengths: torch.Tensor | None = None  # (rows,) generated words, <eos> included
 
 
 class TokenIds(Protocol):
@@ -137,12 +140,22 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None, high_na
 
 
 def generate(decoder: CaptionDecoder, features: Images, tokens: SpecialTokens | TokenIds,
-             settings: GenerationSettings, generator: torch.Generator | None = None) -> DecodedCaptions:
+             settings: GenerationSettings, generator: torch.Generator | None = None,
+             differentiable: bool = False) -> DecodedCaptions:
     """Captions for every image by ``settings``: ``settings.n_best`` rows per image, image-major, best first.
 
     ``tokens``: a vocabulary or its ``SpecialTokens``. ``generator`` draws the words of ``sample``.
+    ``differentiable``: keep the graph from the decoder's weights to ``word_log_probs`` (self-critical
+    training samples this way); otherwise nothing is recorded for autograd.
     """
-    special = SpecialTokens.of(tokens)
+    if differentiable and (settings.strategy == "beam" or settings.block_trigrams):
+        raise ValueError("differentiable generation samples or decodes greedily; beam search is not differentiable")
+    with torch.set_grad_enabled(differentiable):
+        return _generate(decoder, features, SpecialTokens.of(tokens), settings, generator)
+
+
+def _generate(decoder: CaptionDecoder, features: Images, special: SpecialTokens, settings: GenerationSettings,
+              generator: torch.Generator | None) -> DecodedCaptions:
     if settings.allow_unk:
         special = replace(special, unk=None)
     common = {"bos_id": special.bos, "eos_id": special.eos, "pad_id": special.pad, "unk_id": special.unk,
@@ -159,21 +172,24 @@ def generate(decoder: CaptionDecoder, features: Images, tokens: SpecialTokens | 
 def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: bool) -> torch.Tensor:
     """Log-softmax over the vocabulary, with the words that may not be generated set to -inf."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab_size)
-    log_probs[:, special.pad] = -torch.inf
-    log_probs[:, special.bos] = -torch.inf
-    if special.unk is not None:
-        log_probs[:, special.unk] = -torch.inf
-    if not allow_eos:
-        log_probs[:, special.eos] = -torch.inf
-    return log_probs
+    banned = [special.pad, special.bos, *([special.unk] if special.unk is not None else []),
+              *([special.eos] if not allow_eos else [])]
+    mask = torch.zeros(log_probs.shape[1], dtype=torch.bool, device=log_probs.device)
+    mask[banned] = True
+    return log_probs.masked_fill(mask, -torch.inf)  # not in place: autograd needs log_softmax's output
 
 
 def _finish(words: list[torch.Tensor], log_probs: torch.Tensor, attention: list[torch.Tensor],
-            special: SpecialTokens) -> DecodedCaptions:
+            special: SpecialTokens, word_log_probs: list[torch.Tensor] | None = None) -> DecodedCaptions:
     rows, device = log_probs.shape[0], log_probs.device
     tokens = torch.stack(words, dim=1) if words else torch.zeros(rows, 0, dtype=torch.long, device=device)
     weights = torch.stack(attention, dim=1) if attention else None
-    return DecodedCaptions(tokens.masked_fill(tokens == special.eos, special.pad), log_probs, weights)
+    per_word = lengths = None
+    if word_log_probs is not None:
+        per_word = torch.stack(word_log_probs, dim=1) if word_log_probs else log_probs.new_zeros(rows, 0)
+        lengths = (tokens != special.pad).sum(dim=1)  # <eos> still counts here: it is a generated word
+    return DecodedCaptions(tokens.masked_fill(tokens == special.eos, special.pad), log_probs, weights, per_word,
+                           lengths)
 
 
 Chooser = Callable[[torch.Tensor], torch.Tensor]  # (rows, vocab) log-probs -> (rows,) token ids
@@ -203,7 +219,6 @@ class _Finished(NamedTuple):
                                  for mine, theirs in zip(self[1:], other[1:])))
 
 
-@torch.no_grad()
 def _decode_one_path(decoder: CaptionDecoder, features: Images, special: SpecialTokens, max_length: int,
                      min_length: int, choose: Chooser) -> DecodedCaptions:
     """One word per step per image, picked by ``choose``, until ``<eos>`` or ``max_length`` words."""
@@ -214,19 +229,21 @@ def _decode_one_path(decoder: CaptionDecoder, features: Images, special: Special
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     total = torch.zeros(rows, device=device)
     words: list[torch.Tensor] = []
+    chosen: list[torch.Tensor] = []
     attention: list[torch.Tensor] = []
     for t in range(max_length):
         logits, state, weights = decoder.step(token, state, features)  # (rows, vocab_size)
         log_probs = _word_log_probs(logits, special, allow_eos=t >= min_length)
-        token = choose(log_probs)  # (rows,)
-        total += log_probs.gather(1, token.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)
+        token = choose(log_probs.detach())  # (rows,)
+        chosen.append(log_probs.gather(1, token.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0))  # (rows,)
+        total += chosen[-1].detach()
         words.append(token.masked_fill(finished, special.pad))
         if weights is not None:
             attention.append(weights.masked_fill(finished.unsqueeze(1), 0.0))
-        finished |= token == special.eos
+        finished = finished | (token == special.eos)  # a new tensor: masked_fill above keeps the old for autograd
         if finished.all():
             break
-    return _finish(words, total, attention, special)
+    return _finish(words, total, attention, special, chosen)
 
 
 def greedy_decode(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id: int, max_length: int,

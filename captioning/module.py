@@ -4,6 +4,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
@@ -15,15 +16,19 @@ from captioning.config import CheckpointMismatchError
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
 from captioning.data.vocab import Vocabulary
-from captioning.decoding import GenerationSettings, generate
+from captioning.decoding import DecodedCaptions, GenerationSettings, generate
+from captioning.evaluation.cider_reward import CiderD
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_predictions
 from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
 from captioning.models.decoders import DecoderOutput, PreparedImages
 from captioning.models.encoder_decoder import build_encoder_decoder
 from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
+from captioning.scst import ScstSettings, scst_step
 
 log = logging.getLogger(__name__)
+
+END_TOKEN = "<eos>"  # ends the references and the finished samples the SCST reward scores
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -51,6 +56,9 @@ class CaptioningLitModule(pl.LightningModule):
     ``logged_samples`` validation images go to TensorBoard each epoch with their captions.
     ``allow_unk`` lets decoding generate ``<unk>`` (never, by default); ``block_trigrams`` stops beam
     search from repeating a word trigram within a caption.
+    ``scst`` (``ScstSettings``): from its ``start_epoch`` on, self-critical training with a CIDEr-D reward
+    against each image's training references (document frequencies from the training split) replaces
+    cross-entropy.
     ``val/loss`` and ``test/loss`` are corpus-level: the summed negative log-likelihood of every real
     word of every reference caption over the number of those words, for any batching and any number
     of processes (each image counted once).
@@ -67,6 +75,7 @@ class CaptioningLitModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         attention_penalty: float = 1.0,
         scheduled_sampling: Mapping[str, Any] | None = None,
+        scst: Mapping[str, Any] | None = None,
         encoder_lr: float | None = None,
         max_decode_length: int = 20,
         beam_size: int = 1,
@@ -82,6 +91,8 @@ class CaptioningLitModule(pl.LightningModule):
         self.net = build_encoder_decoder(len(self.vocab), encoder, decoder)
         self.generation = GenerationSettings.from_hparams(self.hparams)  # checked now, not at the first validation
         self.sampling_schedule = SamplingSchedule(**scheduled_sampling) if scheduled_sampling else None
+        self.scst = ScstSettings(**scst) if scst else None
+        self._reward: CiderD | None = None  # built from the training references at the first SCST step
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self._predictions: dict[int, list[int]] = {}
@@ -95,6 +106,8 @@ class CaptioningLitModule(pl.LightningModule):
     def training_step(self, batch: CaptionBatch | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
             return None
+        if self.scst is not None and self.current_epoch >= self.scst.start_epoch:
+            return self._self_critical_step(batch)
         features = self.encode_batch(batch).select(batch.caption_image_index)
         probability = self.sampling_schedule.probability(self.current_epoch) if self.sampling_schedule else 0.0
         if probability > 0:
@@ -105,6 +118,35 @@ class CaptioningLitModule(pl.LightningModule):
         loss = self._loss(output, batch, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.tokens.shape[0])
         return loss
+
+    def _self_critical_step(self, batch: CaptionBatch) -> torch.Tensor:
+        """SCST: ``scst.samples`` captions sampled per image, rewarded by CIDEr-D, minus the baseline."""
+        prepared = self.encode_batch(batch)  # (images, ...)
+        images = batch.image_ids.shape[0]
+        rows = torch.arange(images, device=batch.image_ids.device).repeat_interleave(self.scst.samples)
+        sampling = GenerationSettings(strategy="sample", max_length=self.scst.max_length,
+                                      allow_unk=self.generation.allow_unk)
+        samples = generate(self.net.decoder, prepared.select(rows), self.vocab, sampling, differentiable=True)
+        greedy = None
+        if self.scst.baseline == "greedy":  # decoded as at test time: dropout off, no gradient
+            self.net.decoder.eval()
+            greedy = generate(self.net.decoder, prepared, self.vocab, replace(sampling, strategy="greedy"))
+            self.net.decoder.train()
+        if self._reward is None:
+            self._reward = CiderD(self._references("train"), end_token=END_TOKEN)
+        step = scst_step(samples, greedy, batch.image_ids.tolist(), self._caption_words, self._reward.scores,
+                         self.scst)
+        self.log_dict({"train/scst_loss": step.loss, "train/reward": step.reward, "train/baseline": step.baseline,
+                       "train/advantage": step.advantage, "train/sample_length": step.sample_length,
+                       "train/entropy": step.entropy}, prog_bar=False, batch_size=images)
+        return step.loss
+
+    def _caption_words(self, decoded: DecodedCaptions) -> list[str]:
+        """Decoded rows -> the space-separated words the reward scores, ending with ``END_TOKEN`` where the
+        caption generated ``<eos>`` (not where ``max_length`` cut it)."""
+        words = (decoded.tokens != self.vocab.pad_id).sum(dim=1)  # (rows,) <eos> is already <pad> here
+        return [" ".join([*self.vocab.decode(row), *([END_TOKEN] if ended else [])])
+                for row, ended in zip(decoded.tokens.tolist(), (decoded.lengths > words).tolist())]
 
     def encode_batch(self, batch: CaptionBatch) -> PreparedImages:
         """The batch's images through the encoder, or its cached encoder features, ready for the decoder."""

@@ -75,9 +75,15 @@ class CiderD:
     ``CiderD(references).scores(image_ids, candidates)[k]`` equals pycocoevalcap's ``CiderScorer``
     (n = 4, σ = 6) score of ``candidates[k]`` against the PTB-tokenized ``references[image_ids[k]]``
     when that scorer's ``document_frequency`` and ``ref_len`` are those of all of ``references``.
+
+    ``end_token`` (e.g. ``"<eos>"``) ends every tokenized reference, as the research codebase's SCST
+    scores them (ruotianluo/ImageCaptioning.pytorch ``prepro_ngrams.py``): a candidate then earns it
+    only by ending where its words end (the caller appends it to candidates that generated ``<eos>``),
+    so a fragment such as "a man with a" is not rewarded like a whole caption (Hu et al., 2023,
+    "SacreEOS", jchenghu/sacreeos).
     """
 
-    def __init__(self, references: Mapping[int, Sequence[str]]) -> None:
+    def __init__(self, references: Mapping[int, Sequence[str]], end_token: str | None = None) -> None:
         if not references:
             raise ValueError("CIDEr-D needs training references: got no image")
         empty = [image_id for image_id, captions in references.items() if not captions]
@@ -86,7 +92,8 @@ class CiderD:
         self._image_index = {int(image_id): k for k, image_id in enumerate(references)}
         self._ref_counts = np.array([len(captions) for captions in references.values()])  # (I,)
         self._first_ref = np.cumsum(self._ref_counts) - self._ref_counts  # (I,)
-        sentences = [caption.split() for caption in ptb_tokenize_python_batch(
+        ending = [end_token] if end_token else []
+        sentences = [caption.split() + ending for caption in ptb_tokenize_python_batch(
             [caption for captions in references.values() for caption in captions])]
         self._word_ids: dict[str, int] = {}
         words = np.fromiter((self._word_ids.setdefault(word, len(self._word_ids)) for sentence in sentences

@@ -247,6 +247,10 @@ class CaptioningLitModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._encoder_identity = None  # weights may have been loaded since: compute it again
+        max_epochs = self.trainer.max_epochs
+        if self.scst is not None and max_epochs is not None and 0 <= max_epochs <= self.scst.start_epoch:
+            log.warning("model.scst.start_epoch=%d is not before trainer.max_epochs=%d: this run trains by "
+                        "cross-entropy only", self.scst.start_epoch, max_epochs)
 
     def on_validation_start(self) -> None:
         self._encoder_identity = None

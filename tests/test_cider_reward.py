@@ -153,6 +153,21 @@ def test_a_hand_computed_case() -> None:
     assert same > too_long and same > shuffled
 
 
+def test_an_end_token_rewards_whole_captions_over_fragments() -> None:
+    """With ``end_token``, references end with it: a caption that ends where a reference ends earns it, a
+    fragment cut mid-caption does not, and the numbers are pycocoevalcap's on those token sequences."""
+    references = {1: ["A red circle left of a blue square."], 2: ["A green triangle."]}
+    reward = CiderD(references, end_token="<eos>")
+    whole, fragment = reward.scores([1, 1], ["a red circle left of a blue square . <eos>", "a red circle left of a"])
+    assert whole > fragment
+    plain = CiderD(references).scores([1], ["a red circle left of a"])
+    assert fragment < plain[0]  # the same fragment scores less once references end with <eos>
+    ended = {image: [caption + " <eos>" for caption in captions]
+             for image, captions in _evaluator_tokens(references).items()}
+    np.testing.assert_allclose([whole, fragment], _pycocoevalcap(ended, [1, 1], [
+        "a red circle left of a blue square . <eos>", "a red circle left of a"]), rtol=0, atol=1e-9)
+
+
 def test_edge_cases_score_as_pycocoevalcap_does_without_nan() -> None:
     """One reference, a reference with no words left after tokenization, empty and unseen candidates."""
     references = {7: ["A dog."], 8: ["...", "A cat sits on a mat"], 9: ["a dog runs", "A dog", "dog"]}

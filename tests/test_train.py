@@ -262,3 +262,19 @@ def test_an_optimized_metric_the_run_did_not_produce_is_named() -> None:
     assert train.optimized_metric({"val/best_CIDEr": 1.5}, "val/best_CIDEr") == 1.5
     with pytest.raises(KeyError, match=r"optimized_metric='val/best_Bleu_4' was not produced .*val/best_CIDEr"):
         train.optimized_metric({"val/best_CIDEr": 1.5}, "val/best_Bleu_4")
+
+
+@pytest.mark.slow
+def test_self_critical_training_runs_under_two_process_ddp(tmp_path: Path, tiny_shapes: Path) -> None:
+    """SCST from a cross-entropy checkpoint (the shapes_scst preset's use) on 2 CPU processes."""
+    train.run(_config(tmp_path / "xe", tiny_shapes.parent, QUICK))
+    best = tmp_path / "xe" / "checkpoints" / "best.ckpt"
+    metrics, printed = _train_py(
+        "experiment=shapes_scst", f"init_from={best}", *TINY_SHAPES_OVERRIDES, *TINY_OVERRIDES, *QUICK,
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "test=false",
+        f"paths.data_dir={tiny_shapes.parent}", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'scst'}")
+    assert "Starting with 2 processes" in printed
+    assert 0.0 <= metrics["train/reward"] and metrics["train/sample_length"] >= 1.0  # the last step's, logged
+    assert "train/loss" not in metrics and "train/scst_loss" in metrics  # SCST from the first step
+    assert metrics["val/best_CIDEr"] >= 0.0

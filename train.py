@@ -12,7 +12,6 @@ import os
 import secrets
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,10 +100,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    feature_encoder = partial(_feature_encoder, cfg) if cfg.data.get("feature_cache") else None
+    # the frozen encoder whose outputs the feature cache holds, built from the settings alone
+    feature_encoder = _feature_encoder(cfg) if cfg.data.get("feature_cache") else None
     datamodule: CaptionDataModule = instantiate(cfg.data, feature_encoder=feature_encoder)
     datamodule.prepare_data()
     model = _build_model(cfg.model, datamodule.vocab.tokens, datamodule.image_size)
+    if feature_encoder is not None:
+        # the model's encoder takes the weights the features are computed with (a random initialisation
+        # cannot be rebuilt from the settings; pretrained and checkpoint weights are the same anyway)
+        model.net.encoder.load_state_dict(feature_encoder.state_dict())
+        del feature_encoder  # the data side lets go of it once the features are computed
     if cfg.get("init_from"):
         model.init_from(cfg.init_from)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -34,7 +34,7 @@ from rich.table import Table
 from captioning.data.build import build_datamodule
 from captioning.data.datamodule import CaptionDataModule
 from captioning.models.decoders import ShowAttendTellDecoder
-from captioning.models.encoder_decoder import target_of
+from captioning.models.encoder_decoder import build_encoder, target_of
 from captioning.models.encoders import CNNEncoder
 from captioning.module import CaptioningLitModule
 
@@ -77,22 +77,29 @@ def build_run(args: argparse.Namespace, cache_dir: Path, source: str) -> tuple[C
     it feeds: the annotations are read and the images checked (the vocabulary), but no cache is written or
     opened before ``data.setup()``; with ``features`` the cache is that model's encoder's."""
     split = {"annotations": str(args.annotations.resolve()), "images": str(args.images.resolve())}
+    torch.manual_seed(args.seed)
+    encoder = build_encoder(encoder_settings(args))  # built first from the seed, as build_model's is
     data = build_datamodule(
         Path("/"), {name: split for name in ("train", "val", "test")}, image_size=args.image_size,
         batch_size=args.batch_size, num_workers=args.num_workers, min_word_count=1,
         train_captions_per_image=args.captions_per_image, image_cache=source == "image_cache",
         image_cache_dir=cache_dir / "images", feature_cache=source == "features",
-        feature_cache_dir=cache_dir / "features", feature_encoder=lambda: model.net.encoder)  # called by setup()
+        feature_cache_dir=cache_dir / "features", feature_encoder=encoder)  # computes the cache in setup()
     model = build_model(args, data)
     return data, model
+
+
+def encoder_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The frozen encoder of every source (its weights come from the seed or the backbone's pretrained file)."""
+    return {"_target_": CNN, "backbone": args.backbone, "weights": PRETRAINED.get(args.backbone),
+            "grid_size": args.grid_size, "trainable_stages": 0}
 
 
 def build_model(args: argparse.Namespace, data: CaptionDataModule) -> CaptioningLitModule:
     """The same weights in every process (seeded), the encoder frozen."""
     torch.manual_seed(args.seed)
     size = args.hidden_size
-    encoder = {"_target_": CNN, "backbone": args.backbone, "weights": PRETRAINED.get(args.backbone),
-               "grid_size": args.grid_size, "trainable_stages": 0}
+    encoder = encoder_settings(args)
     decoder = {"_target_": SHOW_ATTEND_TELL, "embed_dim": size, "attention_dim": size, "hidden_size": size,
                "dropout": 0.5}
     return CaptioningLitModule(data.vocab.tokens, encoder, decoder, image_size=args.image_size,

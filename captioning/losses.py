@@ -29,10 +29,16 @@ def caption_negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor,
     return nll.index_add_(0, caption_of_word, word_nll.double()), real.sum(dim=1)
 
 
-def doubly_stochastic_penalty(attention: torch.Tensor) -> torch.Tensor:
+def doubly_stochastic_penalty(attention: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Show, Attend and Tell's eq. 14: push every grid cell's attention, summed over a caption's
     words, towards 1, so that the caption looks at the whole image.
 
-    attention (num_captions, steps, num_pixels), zeros at padded steps -> mean over captions and pixels.
+    attention (num_captions, steps, num_pixels), zeros at padded steps -> mean over captions of the
+    mean over their pixels. ``mask`` (num_captions, num_pixels), True for real regions: padded ones
+    (never attended, so they would each add 1) are left out and each caption's mean is over its
+    real regions; without a mask every pixel is real (the same mean, computed as it always was).
     """
-    return ((1.0 - attention.sum(dim=1)) ** 2).mean()
+    missing = (1.0 - attention.sum(dim=1)) ** 2  # (num_captions, num_pixels)
+    if mask is None:
+        return missing.mean()
+    return (missing.masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1)).mean()

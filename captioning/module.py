@@ -152,13 +152,13 @@ class CaptioningLitModule(pl.LightningModule):
         """The batch's images through the encoder, or its cached encoder features, ready for the decoder."""
         if batch.features is not None:
             self._check_features_from(batch)
-            return self.net.encode_cached(batch.features)
+            return self.net.encode_cached(batch.features, batch.feature_mask)
         return self.net.encode(batch.images)
 
     def _loss(self, output: DecoderOutput, batch: CaptionBatch, label_smoothing: float = 0.0) -> torch.Tensor:
         loss = masked_cross_entropy(output.logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)
         if output.attention is not None and self.hparams.attention_penalty > 0:
-            loss = loss + self.hparams.attention_penalty * doubly_stochastic_penalty(output.attention)
+            loss = loss + self.hparams.attention_penalty * doubly_stochastic_penalty(output.attention, output.mask)
         return loss
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:

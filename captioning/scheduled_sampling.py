@@ -55,4 +55,4 @@ def scheduled_sampling_forward(decoder: CaptionDecoder, features: EncodedImages 
             all_weights.append(weights * valid[:, t:t + 1])
     logits = torch.stack(all_logits, dim=1) * valid.unsqueeze(2)  # (batch, steps, vocab_size)
     attention = torch.stack(all_weights, dim=1) if all_weights else None
-    return DecoderOutput(logits, attention)
+    return DecoderOutput(logits, attention, features.mask)

@@ -28,6 +28,14 @@ class CNNEncoderConfig:
 
 
 @dataclass
+class PrecomputedEncoderConfig:
+    """``captioning.models.encoders.PrecomputedEncoder``: no weights, the size of the features it is given."""
+
+    _target_: str = MISSING
+    feature_dim: int = MISSING
+
+
+@dataclass
 class RecurrentDecoderConfig:
     """What every recurrent decoder takes (``captioning.models.decoders``)."""
 
@@ -58,10 +66,25 @@ class ShowAttendTellDecoderConfig(RecurrentDecoderConfig):
     context_hidden_size: int = MISSING
 
 
+@dataclass
+class UpDownDecoderConfig:
+    """``UpDownDecoder``: its two cells are LSTMs, one of each kind, so it has no ``cell`` or ``num_layers``."""
+
+    _target_: str = MISSING
+    embed_dim: int = MISSING
+    hidden_size: int = MISSING
+    attention_dim: int = MISSING
+    dropout: float = MISSING
+    tie_embeddings: bool = MISSING
+    init_scale: Optional[float] = MISSING
+
+
 SCHEMAS = {
     ("schema/encoder", "cnn"): CNNEncoderConfig,
+    ("schema/encoder", "precomputed"): PrecomputedEncoderConfig,
     ("schema/decoder", "show_tell"): ShowTellDecoderConfig,
     ("schema/decoder", "show_attend_tell"): ShowAttendTellDecoderConfig,
+    ("schema/decoder", "updown"): UpDownDecoderConfig,
 }
 
 

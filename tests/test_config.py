@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -121,7 +122,9 @@ def test_precision_belongs_to_the_hardware_preset_not_to_ddp() -> None:
     assert _compose([]).trainer.precision == "32-true"
 
 
-COCO_PRESETS = [e for e in EXPERIMENTS if not e.startswith("shapes_")]
+SHAPES_PRESETS = [e for e in EXPERIMENTS if e.startswith("shapes_") or e.endswith("_shapes")]
+# the Up-Down presets read precomputed region features: tests/test_precomputed.py writes them and trains
+COCO_PRESETS = [e for e in EXPERIMENTS if e not in SHAPES_PRESETS and not e.startswith("updown_")]
 
 
 def _preset_overrides(experiment: str, data_dir: Path) -> list[str]:
@@ -153,8 +156,38 @@ def test_coco_presets_train_validate_and_test_on_the_mini_set(experiment: str, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("shapes_")])
+@pytest.mark.parametrize("experiment", SHAPES_PRESETS)
 def test_shapes_presets_run(experiment: str, tmp_path: Path, tiny_shapes: Path) -> None:
     cfg = _config(tmp_path, tiny_shapes.parent, [f"experiment={experiment}", *QUICK, "data.image_size=64"])
     metrics = train.run(cfg)
     assert metrics["test/CIDEr"] >= 0.0
+
+
+@pytest.mark.slow
+def test_updown_coco_trains_validates_and_tests_from_precomputed_features(tmp_path: Path, shared_data: Path) -> None:
+    """Issue 15's acceptance: random bottom-up features in the research codebases' layout for the mini
+    Karpathy set (10-40 regions per image), then ``experiment=updown_coco`` for two steps; no image is read."""
+    mini = shared_data / "coco-val2017-mini"
+    images = json.loads((mini / "dataset_coco_mini.json").read_text())["images"]
+    att_dir = tmp_path / "cocobu_att"
+    att_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for image in images:
+        regions = int(rng.integers(10, 41))
+        np.savez_compressed(att_dir / f"{image['cocoid']}.npz", feat=rng.random((regions, 256), dtype=np.float32))
+    annotations = [f"data.splits.{split}.annotations=dataset_coco_mini.json" for split in ("train", "val", "test")]
+    overrides = ["experiment=updown_coco", f"paths.data_dir={mini}", *annotations, "trainer=cpu",
+                 f"data.precomputed.att_dir={att_dir}", "model.encoder.feature_dim=256", "++trainer.max_steps=2",
+                 "trainer.max_epochs=1", "data.batch_size=4", "data.num_workers=0", "model.decoder.embed_dim=32",
+                 "model.decoder.hidden_size=32", "model.decoder.attention_dim=16"]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    metrics = train.run(cfg)
+    assert "val/best_CIDEr" in metrics and metrics["test/loss"] > 0
+    assert {"test/CIDEr", "human_loo/CIDEr", "model_loo/CIDEr"} <= set(metrics)
+    splits = json.loads((tmp_path / "run" / "data_splits.json").read_text())
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [200, 25, 25]

@@ -7,7 +7,7 @@ import torch
 
 from captioning.decoding import beam_search, greedy_decode, sample_decode
 from captioning.losses import doubly_stochastic_penalty, masked_cross_entropy
-from captioning.models.decoders import ShowAttendTellDecoder, ShowTellDecoder
+from captioning.models.decoders import ShowAttendTellDecoder, ShowTellDecoder, UpDownDecoder
 from captioning.models.encoders import EncodedImages
 from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
 
@@ -21,6 +21,8 @@ DECODERS = [
     ("show_attend_tell", {"cell": "lstm"}),
     ("show_attend_tell", {"cell": "gru", "context_encoder": "birnn", "tie_embeddings": True}),
     ("show_attend_tell", {"cell": "rnn", "gate": False, "num_layers": 2}),
+    ("updown", {"tie_embeddings": False}),
+    ("updown", {"tie_embeddings": True, "init_scale": 0.1}),
 ]
 IDS = [f"{kind}-{'-'.join(str(v) for v in options.values())}" for kind, options in DECODERS]
 
@@ -31,6 +33,8 @@ def make_decoder(kind: str, vocab_size: int, seed: int = 0, **options) -> torch.
     if kind == "show_attend_tell":
         return ShowAttendTellDecoder(vocab_size, ENCODER_DIM, attention_dim=8, context_hidden_size=4,
                                      **sizes, **options)
+    if kind == "updown":
+        return UpDownDecoder(vocab_size, ENCODER_DIM, attention_dim=8, **sizes, **options)
     return ShowTellDecoder(vocab_size, ENCODER_DIM, **sizes, **options)
 
 

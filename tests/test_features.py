@@ -45,6 +45,12 @@ def _set_up(root: Path, cache_dir: Path, **settings: object) -> CaptionDataModul
     return data
 
 
+def _encoder(seed: int = 0) -> CNNEncoder:
+    """The encoder ``_module(data, seed)`` gets: built first, from the same seed."""
+    torch.manual_seed(seed)
+    return build_encoder(ENCODER)
+
+
 def _module(data: CaptionDataModule, seed: int = 0) -> CaptioningLitModule:
     torch.manual_seed(seed)
     return CaptioningLitModule(data.vocab.tokens, ENCODER, DECODER,
@@ -68,7 +74,7 @@ def test_training_from_cached_features_gives_the_frozen_cnns_loss_and_gradients(
     pixels = _set_up(tiny_shapes, tmp_path)
     module = _module(pixels)
     cached = _set_up(tiny_shapes, tmp_path, feature_cache=True, feature_cache_dtype=dtype,
-                     feature_encoder=lambda: module.net.encoder)
+                     feature_encoder=module.net.encoder)
 
     from_pixels, from_features = _first_train_batch(pixels), _first_train_batch(cached)
     assert from_pixels.features is None and from_features.images is None
@@ -221,7 +227,7 @@ def test_features_of_another_encoder_are_refused_at_fit_time(tiny_shapes: Path, 
     with pytest.raises(ValueError, match="feature_cache is on, but no encoder .* pass feature_encoder"):
         _datamodule(tiny_shapes, tmp_path, feature_cache=True)
     data = _datamodule(tiny_shapes, tmp_path, feature_cache=True,
-                       feature_encoder=lambda: _module(data, seed=0).net.encoder)  # computes the cache in setup()
+                       feature_encoder=_encoder(seed=0))  # computes the cache in setup()
     other = _module(data, seed=1)  # other random weights than those the cache was computed with
     trainer = pl.Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
@@ -248,7 +254,7 @@ def test_an_image_that_fails_only_when_decoded_stops_before_training_or_is_skipp
     damaged = sorted((root / "images" / "train").iterdir())[0]
     damaged.write_bytes(damaged.read_bytes()[:200])  # the header is sound, the pixels are cut off
     data = _datamodule(root, tmp_path / "cache", feature_cache=True, on_bad_image=on_bad_image,
-                       feature_encoder=lambda: _module(data).net.encoder)
+                       feature_encoder=_encoder())
     if on_bad_image == "error":
         with pytest.raises(ValueError, match=f"1 images failed when reading them for the image source: {damaged}"):
             data.setup()
@@ -263,7 +269,7 @@ def test_an_image_that_fails_only_when_decoded_stops_before_training_or_is_skipp
 
 def test_batches_pin_their_tensors_for_the_gpu_copy(tiny_shapes: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _datamodule(tiny_shapes, tmp_path, feature_cache=True, feature_encoder=lambda: _module(data).net.encoder)
+    data = _datamodule(tiny_shapes, tmp_path, feature_cache=True, feature_encoder=_encoder())
     data.setup()
     batch = _first_train_batch(data)
     pinned_copies: list[torch.Tensor] = []

@@ -21,15 +21,19 @@ class CaptionBatch:
     it has. With ``train_captions_per_image=pairs`` every row has one caption and the same image
     may fill several rows (``image_ids`` then repeats). ``features_from`` identifies the encoder that
     computed ``features`` (``CNNEncoder.cache_identity()``), so the model can refuse another encoder's.
+    Precomputed region features have a different number of regions per image: ``features`` is then
+    zero-padded to the batch's most and ``feature_mask`` says which regions (rows after the global
+    row) are real.
     """
 
     images: torch.Tensor | None  # (batch, 3, H, W) pixels in [0, 1]
-    features: torch.Tensor | None  # (batch, 1 + k*k, encoder_dim): global row, then the grid
+    features: torch.Tensor | None  # (batch, 1 + k*k or 1 + max regions, encoder_dim): global row, then grid/regions
     image_ids: torch.Tensor  # (batch,)
     tokens: torch.Tensor  # (num_captions, max_len): <bos> words <eos>, then <pad>=0
     lengths: torch.Tensor  # (num_captions,) tokens per caption, <bos> and <eos> included
     caption_image_index: torch.Tensor  # (num_captions,)
     features_from: dict[str, Any] | None = field(default=None, compare=False)
+    feature_mask: torch.Tensor | None = None  # (batch, max regions) bool, True for real regions; None: all real
 
     def pin_memory(self) -> "CaptionBatch":
         """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), so copies to a GPU run async."""
@@ -40,7 +44,7 @@ class CaptionBatch:
 def collate_captions(items: Sequence[DatasetItem | None], features_from: dict[str, Any] | None = None
                      ) -> CaptionBatch | None:
     """Stack images (or features, computed by the encoder ``features_from``) and pad every caption in the
-    batch to the longest one.
+    batch to the longest one; features with different row counts are zero-padded, with a mask.
 
     ``None`` items (images skipped as unreadable) are dropped; a batch of nothing is ``None``,
     which the module skips.
@@ -52,8 +56,14 @@ def collate_captions(items: Sequence[DatasetItem | None], features_from: dict[st
     owners = [row for row, item in enumerate(items) for _ in item.captions]
     tokens = (pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD_ID)
               if captions else torch.zeros(0, 0, dtype=torch.long))
-    stacked = torch.stack([item.image for item in items])
-    cached = stacked.dim() == 3  # features are (rows, dim) per image, pixels (3, H, W)
+    cached = items[0].image.dim() == 2  # features are (rows, dim) per image, pixels (3, H, W)
+    rows = [len(item.image) for item in items] if cached else []
+    mask = None
+    if cached and min(rows) < max(rows):
+        stacked = pad_sequence([item.image for item in items], batch_first=True)  # zeros after each image's rows
+        mask = torch.arange(max(rows) - 1) < torch.tensor(rows)[:, None] - 1  # (batch, max regions): not row 0
+    else:
+        stacked = torch.stack([item.image for item in items])
     return CaptionBatch(
         images=None if cached else stacked,
         features=stacked if cached else None,
@@ -62,4 +72,5 @@ def collate_captions(items: Sequence[DatasetItem | None], features_from: dict[st
         lengths=torch.tensor([len(c) for c in captions], dtype=torch.long),
         caption_image_index=torch.tensor(owners, dtype=torch.long),
         features_from=features_from if cached else None,
+        feature_mask=mask,
     )

@@ -1,15 +1,17 @@
 """The one writer and reader of the caches of per-image rows (resized pixels, encoder features).
 
-Both caches store one row per image in memory-mapped ``.npy`` shards, in image-id order, under a
-folder named by a key; a kind of cache only says how images become rows (``RowSource``). Layout of
-a cache's ``directory``::
+The caches store one row per image in memory-mapped ``.npy`` shards, in image-id order, under a
+folder named by a key; a kind of cache only says how images become rows (``RowSource``). A ragged
+kind (precomputed region features: a different number of regions per image) stores its images'
+rows end to end instead, each image a slice of its shard. Layout of a cache's ``directory``::
 
     {prefix}-{hash}/              one complete cache per key: its parameters and every image's id,
                                   path, size and mtime (any change gives a new folder)
         manifest.json             parameters, counts and every file's size and sha256; written last,
                                   so its presence means complete
         shard-00000.npy ...       (rows, *row shape); a bad image's row stays zero and is not indexed
-        index.json                {image_id: [shard, row]}
+                                  ragged: (its images' rows end to end, *row shape[1:]); a bad image has none
+        index.json                {image_id: [shard, row]}; ragged: {image_id: [shard, start, stop]}
         bad_images.json           [{image_id, path, reason, detail}]
         ...                       the JSON files the kind adds (``Extras.files``)
     .{prefix}-{hash}.*.partial/   staging: one writer's own folder, swapped into place when complete
@@ -162,10 +164,12 @@ def read_or_failure(read: Callable[..., R], *args: Any) -> tuple[R | None, tuple
 
 @dataclass(frozen=True)
 class RowLayout:
-    """The shape and dtype of one image's row."""
+    """The shape and dtype of one image's row; ``ragged``: ``shape[0]`` varies by image (``shape`` is then
+    a typical image's, which sizes the disk-space check)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    ragged: bool = False
 
     @property
     def bytes(self) -> int:
@@ -187,6 +191,7 @@ class RowSource(ABC):
     label: str  # e.g. "image cache", in messages
     description: str  # the progress bar's
     layout: RowLayout | None = None  # None: learned from the first readable image (or a kept shard)
+    ragged: bool = False  # True: images have different numbers of rows (shape[0]); their rows go end to end
 
     @abstractmethod
     def rows(self, images: list[CaptionedImage]) -> Generator[Computed, None, None]:
@@ -299,12 +304,15 @@ def _layout(source: RowSource, staging: Path, records: list[dict[str, Any] | Non
     kept = next((number for number, record in enumerate(records) if record is not None), None)
     if kept is not None:
         shard = np.load(staging / _shard_name(kept), mmap_mode="r")
+        if source.ragged:
+            per_image = max(1, shard.shape[0] // max(1, len(records[kept]["image_ids"])))
+            return RowLayout((per_image, *shard.shape[1:]), shard.dtype, ragged=True), results
         return RowLayout(shard.shape[1:], shard.dtype), results
     seen = []
     for result in results:  # bad images carry no row: holding them back costs nothing
         seen.append(result)
         if result.row is not None:
-            return RowLayout(result.row.shape, result.row.dtype), chain(seen, results)
+            return RowLayout(result.row.shape, result.row.dtype, source.ragged), chain(seen, results)
     detail = next(result.failure[1] for result in seen if result.failure is not None)
     raise ValueError(f"none of the {len(key.images)} images could be read, so the {source.label} would be empty; "
                      f"e.g. {key.images[0].path}: {detail}")
@@ -329,26 +337,46 @@ def _write_shard(staging: Path, number: int, chunk: list[CaptionedImage], layout
     handle, name = tempfile.mkstemp(prefix=f"{_shard_name(number)}.", suffix=".partial", dir=staging)
     os.close(handle)
     partial = Path(name)
-    rows = np.lib.format.open_memmap(partial, mode="w+", dtype=layout.dtype, shape=(len(chunk), *layout.shape))
     image_ids: list[int | None] = []
     bad: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
+    kept: list[np.ndarray] = []  # ragged: the chunk's rows, written once their total is known
+    offsets = [0]  # ragged: image i's rows are shard[offsets[i]:offsets[i + 1]]
+    rows = None if layout.ragged else np.lib.format.open_memmap(partial, mode="w+", dtype=layout.dtype,
+                                                                 shape=(len(chunk), *layout.shape))
     for position, (image, result) in enumerate(zip(chunk, islice(results, len(chunk)), strict=True)):
         if result.failure is None:
-            rows[position] = result.row
+            if rows is not None:
+                rows[position] = result.row
+            elif result.row.shape[1:] != layout.shape[1:] or result.row.dtype != layout.dtype:
+                raise ValueError(f"image {image.image_id} ({image.path}) gives {result.row.dtype} rows of shape "
+                                 f"{result.row.shape[1:]}, the others {layout.dtype} {layout.shape[1:]}")
+            else:
+                kept.append(result.row)
+                offsets.append(offsets[-1] + len(result.row))
             image_ids.append(image.image_id)
             if result.note is not None:
                 notes[str(image.image_id)] = result.note
         else:
-            image_ids.append(None)  # the row stays zero
+            image_ids.append(None)  # the row stays zero (ragged: it has none)
+            offsets.append(offsets[-1])
             bad.append(asdict(BadImage(image.image_id, str(image.path), *result.failure)))
         advance()
+    if rows is None:
+        rows = np.lib.format.open_memmap(partial, mode="w+", dtype=layout.dtype,
+                                         shape=(offsets[-1], *layout.shape[1:]))
+        start = 0
+        for row in kept:  # bad images have no rows, so the kept ones follow each other
+            rows[start:start + len(row)] = row
+            start += len(row)
     rows.flush()
     del rows
     shard = staging / _shard_name(number)
     os.replace(partial, shard)
     record = {"image_ids": image_ids, "bad": bad, "notes": notes, "bytes": shard.stat().st_size,
               "sha256": sha256_file(shard)}
+    if layout.ragged:
+        record["offsets"] = offsets
     write_json(staging / f"shard-{number:05d}.json", record)
     return record
 
@@ -356,8 +384,10 @@ def _write_shard(staging: Path, number: int, chunk: list[CaptionedImage], layout
 def _finish(source: RowSource, key: CacheKey, target: Path, staging: Path, records: list[dict[str, Any]],
             shard_size: int, reused: int) -> CacheResult:
     """Index, bad list and the kind's files, the manifest last, then the swap into place."""
-    index = {str(image_id): [number, row] for number, record in enumerate(records)
-             for row, image_id in enumerate(record["image_ids"]) if image_id is not None}
+    index = {str(image_id): [number, record["offsets"][row], record["offsets"][row + 1]] if source.ragged
+             else [number, row]
+             for number, record in enumerate(records) for row, image_id in enumerate(record["image_ids"])
+             if image_id is not None}
     bad = [entry for record in records for entry in record["bad"]]
     extras = source.extras({image_id: note for record in records for image_id, note in record["notes"].items()})
     files = {_shard_name(number): {"bytes": record["bytes"], "sha256": record["sha256"],
@@ -399,7 +429,8 @@ class ShardedCache:
         self.directory = folder
         self.manifest = manifest
         index = json.loads((folder / INDEX_NAME).read_text())
-        self._index = {int(k): (shard, row) for k, (shard, row) in index.items()}
+        # (shard, row), or ragged (shard, start, stop)
+        self._index = {int(k): tuple(location) for k, location in index.items()}
         self.bad = {entry["image_id"]: BadImage(**entry) for entry in json.loads((folder / BAD_NAME).read_text())}
         self._shards: dict[int, np.ndarray] = {}
 
@@ -410,16 +441,17 @@ class ShardedCache:
         return len(self._index)
 
     def row(self, image_id: int) -> np.ndarray:
-        """The image's row, a read-only view of the memory map; ``BadImageError`` for a bad image."""
+        """The image's row (ragged: its rows), a read-only view of the memory map; ``BadImageError`` for a
+        bad image."""
         location = self._index.get(image_id)
         if location is None:
             if image_id in self.bad:
                 raise self.bad[image_id].error()
             raise KeyError(f"image id {image_id} is not in the cache {self.directory}")
-        shard, row = location
+        shard, *rows = location
         if shard not in self._shards:
             self._shards[shard] = np.load(self.directory / _shard_name(shard), mmap_mode="r")
-        return self._shards[shard][row]
+        return self._shards[shard][rows[0]] if len(rows) == 1 else self._shards[shard][rows[0]:rows[1]]
 
     def tensor(self, image_id: int) -> torch.Tensor:
         """What training reads for the image (pixels or features); each cache says how."""

@@ -3,7 +3,7 @@
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ class CaptionCorpus:
     held-out images are the test split); the vocabulary comes from the train images left.
     ``on_bad_image``: ``error`` stops before training at the first missing, unreadable or oversized
     image (named, with the reason); ``skip`` leaves such images out, logging each and the count.
+    ``probe`` checks an image's files cheaply, raising ``BadImageError``: the image source's own
+    (``ImageSource.probe``: the image header, or precomputed feature files when no image file is
+    read at all); by default the image file's header.
     ``generate_shapes`` (the built-in dataset's settings) writes ``root`` on first use (``prepare``).
     Loading happens once, on first use of ``images``, ``vocab`` or ``references``.
     """
@@ -47,6 +50,7 @@ class CaptionCorpus:
         min_word_count: int = 5,
         on_bad_image: str = "error",
         generate_shapes: Mapping[str, Any] | None = None,
+        probe: Callable[[CaptionedImage], None] | None = None,
     ) -> None:
         splits = {name: dict(paths) for name, paths in splits.items() if paths is not None}
         if val_from_train is not None:
@@ -72,6 +76,7 @@ class CaptionCorpus:
         self.val_from_train = val_from_train
         self.min_word_count = min_word_count
         self.on_bad_image = on_bad_image
+        self.probe = probe or _probe_header
         self.shapes_config = ShapesConfig(**generate_shapes) if generate_shapes is not None else None
         self._images: dict[str, list[CaptionedImage]] = {}
         self._vocab: Vocabulary | None = None
@@ -167,19 +172,24 @@ class CaptionCorpus:
                 [image for image in train if image.image_id in drawn])
 
     def _usable(self, split: str, images: list[CaptionedImage]) -> list[CaptionedImage]:
-        """The split's images that have captions and a sound header (or an error, per ``on_bad_image``)."""
+        """The split's images that have captions and pass the probe (or an error, per ``on_bad_image``)."""
         captioned = [image for image in images if image.captions]
         if len(captioned) < len(images):
             log.warning("%s: skipped %d images that have no caption", split, len(images) - len(captioned))
         bad: list[BadImageError] = []
+        unusable: set[int] = set()
         for image in captioned:
             try:
-                probe_image(image.path)
+                self.probe(image)
             except BadImageError as error:
                 bad.append(error)
+                unusable.add(image.image_id)
         if bad and len(bad) == len(captioned) and all(error.reason == "missing" for error in bad):
-            raise FileNotFoundError(f"none of the {len(bad)} {split} images exists, e.g. {bad[0].path}: check "
-                                    f"data.root ({self.root}) and data.splits.{split}.images")
+            if bad[0].path == Path(captioned[0].path):
+                raise FileNotFoundError(f"none of the {len(bad)} {split} images exists, e.g. {bad[0].path}: check "
+                                        f"data.root ({self.root}) and data.splits.{split}.images")
+            raise FileNotFoundError(f"none of the {len(bad)} {split} images has its file, e.g. {bad[0]}: check "
+                                    f"{bad[0].path.parent}")
         if bad and self.on_bad_image == "error":
             raise ValueError(f"{len(bad)} {split} images cannot be used: {_listed(bad)}. Fix or remove them, or set "
                              "data.on_bad_image=skip to train on the rest")
@@ -188,8 +198,7 @@ class CaptionCorpus:
         if bad:
             log.warning("%s: skipped %d of %d images that cannot be used%s", split, len(bad), len(captioned),
                         f" (the first {MAX_LISTED} named above)" if len(bad) > MAX_LISTED else "")
-        unusable = {error.path for error in bad}
-        usable = [image for image in captioned if image.path not in unusable]
+        usable = [image for image in captioned if image.image_id not in unusable]
         if not usable:
             raise ValueError(f"the {split} split has no usable captioned image (root {self.root}, "
                              f"{self.splits[split]})")
@@ -202,6 +211,10 @@ class CaptionCorpus:
                  "/".join(str(len(self._images[s])) for s in SPLITS), len(self._vocab), self.min_word_count,
                  100 * self._vocab.unknown_rate(train_tokens), lengths[len(lengths) // 2] if lengths else 0,
                  lengths[-1] if lengths else 0)
+
+
+def _probe_header(image: CaptionedImage) -> None:
+    probe_image(image.path)
 
 
 def _listed(errors: list[BadImageError]) -> str:

@@ -52,6 +52,9 @@ class FeatureEncoder(Protocol):
     def cache_identity(self) -> dict[str, Any]:
         """JSON-able facts that fix its outputs, weights hash included."""
 
+    def to(self, device: torch.device | str) -> Any:
+        """Move its weights (``nn.Module.to``): it computes where the trainer will train."""
+
 
 class FeatureCache(ShardedCache):
     """A complete feature cache, read through memory maps."""

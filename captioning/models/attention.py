@@ -1,7 +1,8 @@
-"""Soft attention over the encoder's grid (Show, Attend and Tell, Xu et al., 2015) and its context encoder."""
+"""Soft attention over a grid or regions (Show, Attend and Tell, Xu et al., 2015) and its context encoder."""
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class AdditiveAttention(nn.Module):
@@ -21,11 +22,17 @@ class AdditiveAttention(nn.Module):
         """(batch, num_pixels, encoder_dim) -> keys (batch, num_pixels, attention_dim)."""
         return self.key_projection(grid)
 
-    def forward(self, grid: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context (batch, encoder_dim) and weights (batch, num_pixels), which sum to 1 per row."""
+    def forward(self, grid: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context (batch, encoder_dim) and weights (batch, num_pixels), which sum to 1 per row.
+
+        ``mask`` (batch, num_pixels), True for real regions: padded ones score -inf, so their weight
+        is exactly 0 and the real ones' softmax is the one they would have alone.
+        """
         query = self.query_projection(hidden).unsqueeze(1)  # (batch, 1, attention_dim)
         scores = self.score(torch.tanh(keys + query)).squeeze(2)  # (batch, num_pixels)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf)
         weights = torch.softmax(scores, dim=1)  # (batch, num_pixels)
         context = torch.bmm(weights.unsqueeze(1), grid).squeeze(1)  # (batch, encoder_dim)
         return context, weights
@@ -34,7 +41,10 @@ class AdditiveAttention(nn.Module):
 class BidirectionalContext(nn.Module):
     """A bidirectional RNN over the grid cells in raster order, so each cell sees the whole image.
 
-    Output: (batch, num_pixels, 2 * hidden_size), the annotation vectors attention reads.
+    Output: (batch, num_pixels, 2 * hidden_size), the annotation vectors attention reads. With a
+    ``mask`` each row runs as a packed sequence over its real regions only (they must come first),
+    so the backward direction starts at the last real region, not in the padding, and padded
+    positions come out as zeros.
     """
 
     def __init__(self, encoder_dim: int, hidden_size: int, cell: str = "gru") -> None:
@@ -45,6 +55,14 @@ class BidirectionalContext(nn.Module):
         self.rnn = rnn(encoder_dim, hidden_size, batch_first=True, bidirectional=True)
         self.output_dim = 2 * hidden_size
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        annotations, _ = self.rnn(grid)  # (batch, num_pixels, 2 * hidden_size)
-        return annotations
+    def forward(self, grid: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            annotations, _ = self.rnn(grid)  # (batch, num_pixels, 2 * hidden_size)
+            return annotations
+        lengths = mask.sum(dim=1)  # (batch,)
+        if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)):
+            raise ValueError("the bidirectional context encoder needs each image's real regions first and its "
+                             "padding after them (a mask that is True, then False, along each row)")
+        packed = pack_padded_sequence(grid, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        annotations, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=grid.shape[1])
+        return annotations  # (batch, num_pixels, 2 * hidden_size), zeros at padded regions

@@ -41,25 +41,28 @@ class PreparedImages:
     (a BiGRU over the grid, attention's projection), so it is neither cached nor produced by the encoder.
     """
 
-    global_features: torch.Tensor  # (batch, encoder_dim)
+    global_features: torch.Tensor  # (batch, encoder_dim): the image vector the decoder reads
     annotations: torch.Tensor | None = None  # (batch, num_pixels, annotation_dim): the grid, or its BiGRU encoding
     keys: torch.Tensor | None = None  # (batch, num_pixels, attention_dim): attention's projection of the annotations
+    mask: torch.Tensor | None = None  # (batch, num_pixels) bool, True for real regions; None: every one is real
 
     def select(self, index: torch.Tensor | slice) -> "PreparedImages":
         """Rows ``index`` (e.g. one per caption, or one per beam)."""
         return PreparedImages(*(None if part is None else part[index]
-                                for part in (self.global_features, self.annotations, self.keys)))
+                                for part in (self.global_features, self.annotations, self.keys, self.mask)))
 
 
 class DecoderOutput(NamedTuple):
     """Teacher-forced outputs; rows and steps follow the input captions.
 
     Logits at padded positions are zeros (never computed) and must be masked by the loss;
-    attention weights there are zeros too, so sums over steps are sums over words.
+    attention weights there are zeros too, so sums over steps are sums over words. Padded regions
+    get zero weight at every step; ``mask`` says which they are (the attention penalty skips them).
     """
 
     logits: torch.Tensor  # (batch, max_len - 1, vocab_size), predicting tokens[:, 1:]
     attention: torch.Tensor | None  # (batch, max_len - 1, num_pixels) for attention decoders
+    mask: torch.Tensor | None = None  # (batch, num_pixels) bool, True for real regions; None: every one is real
 
 
 class CaptionDecoder(Protocol):
@@ -111,6 +114,31 @@ def uniform_init_(module: nn.Module, scale: float | None) -> None:
                 for name, parameter in child.named_parameters():
                     if name.startswith("bias_ih"):  # gates in torch's order: input, forget, cell, output
                         parameter[child.hidden_size:2 * child.hidden_size] = 1.0
+
+
+def _regions(features: EncodedImages, decoder: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grid or regions an attention decoder reads, padded ones zeroed (so no garbage reaches a sum),
+    and their mask, checked."""
+    if features.grid_features is None:
+        raise ValueError(f"the {decoder} needs grid features: set model.encoder.grid_size (e.g. 14), or give it "
+                         "region features")
+    regions, mask = features.grid_features, features.mask  # (batch, num_regions, encoder_dim), (batch, num_regions)
+    if mask is None:
+        return regions, None
+    if mask.dtype != torch.bool or mask.shape != regions.shape[:2]:
+        raise ValueError(f"the region mask must be a bool tensor shaped (batch, num_regions) = "
+                         f"{tuple(regions.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+    if not mask.any(dim=1).all():
+        raise ValueError("every image needs at least one real region: a row of the region mask is all False")
+    return regions.masked_fill(~mask.unsqueeze(2), 0.0), mask
+
+
+def _mean_region(regions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, num_regions, dim) -> (batch, dim): the mean over each image's real regions only."""
+    if mask is None:
+        return regions.mean(dim=1)
+    real = mask.unsqueeze(2)  # (batch, num_regions, 1)
+    return regions.masked_fill(~real, 0.0).sum(dim=1) / real.sum(dim=1).to(regions.dtype)
 
 
 class WordOutput(nn.Module):
@@ -239,15 +267,52 @@ class ShowTellDecoder(nn.Module):
         return output, (new_state if self.cell == "lstm" else (new_state,))
 
 
-class ShowAttendTellDecoder(nn.Module):
+class _StepwiseAttentionDecoder(nn.Module):
+    """An attention decoder whose teacher forcing steps word by word through its own ``step``.
+
+    Captions are sorted by length and the active batch shrinks as captions end, so no step
+    computes on padding. Subclasses define ``embedding``, ``prepare``, ``init_state`` and ``step``.
+    """
+
+    embedding: nn.Embedding
+
+    def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
+                lengths: torch.Tensor) -> DecoderOutput:
+        features = self.prepare(features)
+        mask = features.mask  # (batch, num_pixels) in the captions' order
+        steps = lengths - 1  # words each caption predicts
+        order = torch.argsort(steps, descending=True)
+        sorted_steps = steps[order]
+        features, tokens = features.select(order), tokens[order]
+        state = self.init_state(features)
+        batch, max_steps = tokens.shape[0], tokens.shape[1] - 1
+        vocab_size = self.embedding.num_embeddings
+        logits = tokens.new_zeros(batch, max_steps, vocab_size, dtype=features.annotations.dtype)
+        attention = tokens.new_zeros(batch, max_steps, features.annotations.shape[1],
+                                     dtype=features.annotations.dtype)
+        positions = torch.arange(max_steps, device=steps.device)
+        active_per_step = (sorted_steps.unsqueeze(0) > positions.unsqueeze(1)).sum(1).tolist()
+        for t, active in enumerate(active_per_step):  # captions still running form a prefix
+            if active == 0:
+                break
+            state = tuple(part[:, :active] for part in state)
+            step_logits, state, weights = self.step(tokens[:active, t], state, features.select(slice(0, active)))
+            logits[:active, t] = step_logits
+            attention[:active, t] = weights
+        restore = torch.argsort(order)
+        return DecoderOutput(logits[restore], attention[restore], mask)
+
+
+class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
     """Show, Attend and Tell (Xu et al., 2015): soft attention over the grid at every word.
 
     Each step attends with the top layer's previous hidden state, optionally gates the context
     with ``sigmoid(f_beta(h))`` (the paper's section 4.2.1), and feeds ``[word embedding; context]``
     to a stack of RNN cells whose first state comes from the mean grid vector. An optional
     bidirectional RNN (``context_encoder="birnn"``) turns the grid into annotations first.
-    Teacher forcing sorts captions by length and shrinks the active batch as captions end, so no
-    step computes on padding. ``init_scale``: as in ``ShowTellDecoder``.
+    With a region mask, padded regions get zero attention and the first state comes from the mean
+    of the real ones only. Teacher forcing: ``_StepwiseAttentionDecoder``. ``init_scale``: as in
+    ``ShowTellDecoder``.
     """
 
     def __init__(
@@ -289,22 +354,20 @@ class ShowAttendTellDecoder(nn.Module):
         """The annotations (the grid, or its BiRNN encoding) and their attention keys, once per image."""
         if isinstance(features, PreparedImages):
             return features
-        if features.grid_features is None:
-            raise ValueError("the attention decoder needs grid features: set model.encoder.grid_size (e.g. 14)")
-        annotations = features.grid_features  # (batch, num_pixels, encoder_dim)
+        annotations, mask = _regions(features, "attention decoder")  # (batch, num_pixels, encoder_dim)
         if self.context is not None:
-            annotations = self.context(annotations)  # (batch, num_pixels, annotation_dim)
-        return PreparedImages(features.global_features, annotations, self.attention.project(annotations))
+            annotations = self.context(annotations, mask)  # (batch, num_pixels, annotation_dim)
+        return PreparedImages(features.global_features, annotations, self.attention.project(annotations), mask)
 
     def init_state(self, features: PreparedImages) -> State:
-        mean_annotation = features.annotations.mean(dim=1)  # (batch, annotation_dim)
+        mean_annotation = _mean_region(features.annotations, features.mask)  # (batch, annotation_dim)
         return _split_state(self.init_projection(mean_annotation), self.num_layers, self.hidden_size)
 
     def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """tokens (batch,) -> logits (batch, vocab_size), attention weights (batch, num_pixels)."""
         hidden = state[0]  # (layers, batch, hidden_size)
-        context, weights = self.attention(features.annotations, features.keys, hidden[-1])
+        context, weights = self.attention(features.annotations, features.keys, hidden[-1], features.mask)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(hidden[-1])) * context  # (batch, annotation_dim)
         layer_input = torch.cat([self.embedding(tokens), context], dim=1)  # (batch, embed_dim + annotation_dim)
@@ -320,27 +383,72 @@ class ShowAttendTellDecoder(nn.Module):
         new_state = tuple(torch.stack(part) for part in new_parts)
         return self.output(layer_input), new_state, weights
 
-    def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
-                lengths: torch.Tensor) -> DecoderOutput:
-        features = self.prepare(features)
-        steps = lengths - 1  # words each caption predicts
-        order = torch.argsort(steps, descending=True)
-        sorted_steps = steps[order]
-        features, tokens = features.select(order), tokens[order]
-        state = self.init_state(features)
-        batch, max_steps = tokens.shape[0], tokens.shape[1] - 1
-        vocab_size = self.embedding.num_embeddings
-        logits = tokens.new_zeros(batch, max_steps, vocab_size, dtype=features.annotations.dtype)
-        attention = tokens.new_zeros(batch, max_steps, features.annotations.shape[1],
-                                     dtype=features.annotations.dtype)
-        positions = torch.arange(max_steps, device=steps.device)
-        active_per_step = (sorted_steps.unsqueeze(0) > positions.unsqueeze(1)).sum(1).tolist()
-        for t, active in enumerate(active_per_step):  # captions still running form a prefix
-            if active == 0:
-                break
-            state = tuple(part[:, :active] for part in state)
-            step_logits, state, weights = self.step(tokens[:active, t], state, features.select(slice(0, active)))
-            logits[:active, t] = step_logits
-            attention[:active, t] = weights
-        restore = torch.argsort(order)
-        return DecoderOutput(logits[restore], attention[restore])
+
+class UpDownDecoder(_StepwiseAttentionDecoder):
+    """Bottom-Up and Top-Down attention (Anderson et al., 2018, section 3.2): two LSTMs per word.
+
+    With v_i the image's regions, v̄ their mean (over real regions only) and w_t the input word:
+
+    - attention (top-down) LSTM: h1_t = LSTM1([h2_{t-1}; v̄; W_e w_t], h1_{t-1})
+    - attention over the regions with h1_t: a_{i,t} = w_a^T tanh(W_va v_i + W_ha h1_t),
+      α_t = softmax(a_t) (padded regions excluded), v̂_t = Σ_i α_{i,t} v_i
+    - language LSTM: h2_t = LSTM2([v̂_t; h1_t], h2_{t-1})
+    - words: softmax(W_p h2_t + b_p)
+
+    Both states start at zero; the state is ``(h, c)``, each ``(2, batch, hidden_size)``: the
+    attention LSTM's, then the language LSTM's. Dropout (rate ``dropout``) sits where
+    ruotianluo/ImageCaptioning.pytorch's captioning/models/AttModel.py applies ``drop_prob_lm``
+    (0.5 for its COCO recipe): on the word embedding (``AttModel.embed``), on the region features
+    and on their mean (``att_embed``/``fc_embed``; so the attended feature v̂_t is built from
+    dropped-out regions), and on h2_t before the output layer (``UpDownCore``); not on h1_t going
+    into the language LSTM (``UpDownCore`` leaves that dropout out). Unlike AttModel, the regions
+    enter the equations as the paper writes them, without its extra Linear+ReLU embedding, and
+    the embedding has no ReLU. ``init_scale``: as in ``ShowTellDecoder``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int,
+        embed_dim: int = 1000,
+        hidden_size: int = 1000,
+        attention_dim: int = 512,
+        dropout: float = 0.5,
+        tie_embeddings: bool = False,
+        init_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.attention_lstm = nn.LSTMCell(hidden_size + encoder_dim + embed_dim, hidden_size)
+        self.attention = AdditiveAttention(encoder_dim, hidden_size, attention_dim)
+        self.language_lstm = nn.LSTMCell(encoder_dim + hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
+        uniform_init_(self, init_scale)
+
+    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
+        """v̄ (as ``global_features``), the regions and their attention keys, once per image."""
+        if isinstance(features, PreparedImages):
+            return features
+        regions, mask = _regions(features, "Up-Down decoder")  # (batch, num_regions, encoder_dim)
+        mean = self.dropout(_mean_region(regions, mask))  # (batch, encoder_dim)
+        regions = self.dropout(regions)  # padded regions stay 0
+        return PreparedImages(mean, regions, self.attention.project(regions), mask)
+
+    def init_state(self, features: PreparedImages) -> State:
+        zeros = features.global_features.new_zeros(2, features.global_features.shape[0], self.hidden_size)
+        return zeros, zeros
+
+    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
+             ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """tokens (batch,) -> logits (batch, vocab_size), attention weights (batch, num_regions)."""
+        hidden, cell = state  # (2, batch, hidden_size) each: attention LSTM, language LSTM
+        words = self.dropout(self.embedding(tokens))  # (batch, embed_dim)
+        attention_input = torch.cat([hidden[1], features.global_features, words], dim=1)
+        h_attention, c_attention = self.attention_lstm(attention_input, (hidden[0], cell[0]))  # (batch, hidden_size)
+        attended, weights = self.attention(features.annotations, features.keys, h_attention, features.mask)
+        language_input = torch.cat([attended, h_attention], dim=1)  # (batch, encoder_dim + hidden_size)
+        h_language, c_language = self.language_lstm(language_input, (hidden[1], cell[1]))
+        new_state = (torch.stack([h_attention, h_language]), torch.stack([c_attention, c_language]))
+        return self.output(self.dropout(h_language)), new_state, weights

@@ -1,4 +1,5 @@
-"""The captioning network: a CNN encoder feeding a recurrent decoder, built from plain settings."""
+"""The captioning network: a CNN encoder (or precomputed features) feeding a recurrent decoder, built from
+plain settings."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -6,8 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from captioning.models.decoders import DecoderOutput, PreparedImages, ShowAttendTellDecoder, ShowTellDecoder
-from captioning.models.encoders import CNNEncoder, EncodedImages
+from captioning.models.decoders import (
+    DecoderOutput,
+    PreparedImages,
+    ShowAttendTellDecoder,
+    ShowTellDecoder,
+    UpDownDecoder,
+)
+from captioning.models.encoders import CNNEncoder, EncodedImages, PrecomputedEncoder
 
 
 def target_of(cls: type) -> str:
@@ -21,14 +28,14 @@ def _by_target(*classes: type[nn.Module]) -> dict[str, type[nn.Module]]:
 
 # The classes a model may be built from, by their ``_target_``. A checkpoint is data: settings read
 # from one can only name these, never import code. A new encoder or decoder is added here.
-ENCODERS = _by_target(CNNEncoder)
-DECODERS = _by_target(ShowTellDecoder, ShowAttendTellDecoder)
+ENCODERS = _by_target(CNNEncoder, PrecomputedEncoder)
+DECODERS = _by_target(ShowTellDecoder, ShowAttendTellDecoder, UpDownDecoder)
 
 
 class EncoderDecoder(nn.Module):
     """Encoder + decoder. ``forward`` is the teacher-forced pass; decoding lives in ``captioning.decoding``."""
 
-    def __init__(self, encoder: CNNEncoder, decoder: nn.Module) -> None:
+    def __init__(self, encoder: CNNEncoder | PrecomputedEncoder, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -45,9 +52,12 @@ class EncoderDecoder(nn.Module):
         """Encoder outputs with the decoder's per-image work done: ready for ``step`` and decoding."""
         return self.decoder.prepare(self.encoder(images))
 
-    def encode_cached(self, rows: torch.Tensor) -> PreparedImages:
-        """``encode`` for the encoder's cached outputs (``CNNEncoder.feature_rows``), e.g. float16 from disk."""
-        return self.decoder.prepare(EncodedImages.from_rows(rows.to(self.encoder.mean.dtype)))
+    def encode_cached(self, rows: torch.Tensor, mask: torch.Tensor | None = None) -> PreparedImages:
+        """``encode`` for the encoder's cached outputs (``CNNEncoder.feature_rows``) or precomputed region
+        features, e.g. float16 from disk, in the decoder's dtype: rows (batch, 1 + num_regions, dim), global
+        vector first; ``mask`` (batch, num_regions) bool, True for real regions (None: all are real)."""
+        dtype = next(self.decoder.parameters()).dtype  # the encoder may have no tensors (PrecomputedEncoder)
+        return self.decoder.prepare(EncodedImages.from_rows(rows.to(dtype), mask))
 
 
 def component_class(settings: Mapping[str, Any], known: Mapping[str, type[nn.Module]], where: str) -> type[nn.Module]:
@@ -65,7 +75,7 @@ def component_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if not key.startswith("_")}
 
 
-def build_encoder(settings: Mapping[str, Any]) -> CNNEncoder:
+def build_encoder(settings: Mapping[str, Any]) -> CNNEncoder | PrecomputedEncoder:
     """The encoder of plain settings (``conf/model/encoder``, as stored in checkpoints)."""
     return component_class(settings, ENCODERS, "model.encoder")(**component_arguments(settings))
 

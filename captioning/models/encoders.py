@@ -1,6 +1,7 @@
-"""CNN image encoders: a classification backbone's convolutional stages, optionally pretrained.
+"""Image encoders: a classification backbone's convolutional stages (optionally pretrained), or none at
+all for precomputed region features (``PrecomputedEncoder``).
 
-Images arrive as ``[0, 1]`` RGB tensors; each encoder applies the normalisation its weights were
+Images arrive as ``[0, 1]`` RGB tensors; each CNN encoder applies the normalisation its weights were
 trained with, so data pipelines and caches stay model-agnostic.
 """
 
@@ -17,19 +18,21 @@ from captioning.models.backbones import Backbone, build_backbone
 
 @dataclass
 class EncodedImages:
-    """What the encoder gives the decoder: one vector per image and, optionally, a spatial grid.
+    """What the encoder gives the decoder: one vector per image and, optionally, a spatial grid or regions.
 
     Only the encoder's own outputs (what the feature cache stores); the decoder's per-image work
-    lives in its ``PreparedImages`` (``captioning.models.decoders``).
+    lives in its ``PreparedImages`` (``captioning.models.decoders``). Precomputed region features
+    vary in number per image: a batch pads them to its largest and ``mask`` says which are real.
     """
 
     global_features: torch.Tensor  # (batch, encoder_dim)
-    grid_features: torch.Tensor | None  # (batch, grid_size * grid_size, encoder_dim)
+    grid_features: torch.Tensor | None  # (batch, num_regions, encoder_dim): a grid_size² grid, or regions
+    mask: torch.Tensor | None = None  # (batch, num_regions) bool, True for real regions; None: every region is real
 
     def select(self, index: torch.Tensor | slice) -> "EncodedImages":
         """Rows ``index`` (e.g. one per caption)."""
-        return EncodedImages(self.global_features[index],
-                             None if self.grid_features is None else self.grid_features[index])
+        return EncodedImages(*(None if part is None else part[index]
+                               for part in (self.global_features, self.grid_features, self.mask)))
 
     def rows(self) -> torch.Tensor:
         """The encoder outputs as one tensor, as the feature cache stores them: global row first, then the grid."""
@@ -39,9 +42,10 @@ class EncodedImages:
         return torch.cat(parts, dim=1)  # (batch, 1 + k*k, encoder_dim)
 
     @classmethod
-    def from_rows(cls, rows: torch.Tensor) -> "EncodedImages":
-        """The inverse of ``rows``: (batch, 1 + k*k, encoder_dim) -> global vectors and grid (None if k is 0)."""
-        return cls(rows[:, 0], rows[:, 1:] if rows.shape[1] > 1 else None)
+    def from_rows(cls, rows: torch.Tensor, mask: torch.Tensor | None = None) -> "EncodedImages":
+        """The inverse of ``rows``: (batch, 1 + num_regions, encoder_dim) -> global vectors and grid or regions
+        (None if there are none); ``mask`` (batch, num_regions) marks the real regions of padded rows."""
+        return cls(rows[:, 0], rows[:, 1:] if rows.shape[1] > 1 else None, mask)
 
 
 class CNNEncoder(nn.Module):
@@ -114,3 +118,30 @@ class CNNEncoder(nn.Module):
             grid = self.grid_pool(feature_map).flatten(2).transpose(1, 2)  # (batch, k*k, encoder_dim)
         return EncodedImages(global_features, grid)
 
+
+class PrecomputedEncoder(nn.Module):
+    """The encoder of a model trained on precomputed features (e.g. bottom-up detector regions): no weights.
+
+    Its outputs are the features themselves, read from disk by the data side, so it is always
+    frozen and has no pixels to encode; ``cache_identity`` names the feature size only, since the
+    features' origin is the data's business (their files), not this module's.
+    """
+
+    frozen = True
+
+    def __init__(self, feature_dim: int = 2048) -> None:
+        super().__init__()
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+        self.output_dim = feature_dim
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "feature_dim": self.output_dim}
+
+    def feature_rows(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)
+
+    def forward(self, images: torch.Tensor) -> EncodedImages:
+        raise ValueError(f"this model reads precomputed region features: it has no image encoder and cannot encode "
+                         f"pixels (got images of shape {tuple(images.shape)}); give it the features "
+                         f"({self.output_dim}-dimensional, as the data side reads them from disk) instead")

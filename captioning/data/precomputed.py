@@ -21,7 +21,8 @@ import json
 import os
 import zipfile
 import zlib
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import IO
@@ -77,6 +78,25 @@ def _missing(path: Path, setting: str) -> BadImageError:
     return BadImageError(path, "missing", f"feature file not found (data.precomputed.{setting})")
 
 
+@contextmanager
+def _archive_errors(att: Path) -> Iterator[None]:
+    """Any failure to read the ``.npz`` ``att`` as a ``BadImageError`` naming it (``data.on_bad_image`` applies)."""
+    try:
+        yield
+    except BadImageError:
+        raise
+    except zipfile.BadZipFile as error:
+        raise BadImageError(att, "unreadable", f"not a readable .npz archive (numpy.savez): {error}") from None
+    except (OSError, ValueError, EOFError, zlib.error) as error:
+        raise _unreadable(att, error) from None
+
+
+def _require_array(att: Path, names: list[str]) -> None:
+    """The archive must hold ``ARRAY`` (``feat``, as the research codebases write it)."""
+    if ARRAY not in names:
+        raise BadImageError(att, "unreadable", f"holds no array '{ARRAY}' (it holds {', '.join(names) or 'nothing'})")
+
+
 def _unreadable(path: Path, error: Exception) -> BadImageError:
     return BadImageError(path, "unreadable", f"cannot read: {type(error).__name__}: {error}")
 
@@ -87,20 +107,10 @@ def probe_feature_files(image_id: int, att_dir: Path, fc_dir: Path | None) -> No
     att, fc = feature_paths(image_id, att_dir, fc_dir)
     if not att.is_file():
         raise _missing(att, "att_dir")
-    try:
-        with zipfile.ZipFile(att) as archive:
-            names = archive.namelist()
-            if f"{ARRAY}.npy" not in names:
-                listed = ", ".join(name.removesuffix(".npy") for name in names) or "nothing"
-                raise BadImageError(att, "unreadable", f"holds no array '{ARRAY}' (it holds {listed})")
-            with archive.open(f"{ARRAY}.npy") as member:
-                shape, dtype = _npy_header(member)
-    except BadImageError:
-        raise
-    except zipfile.BadZipFile as error:
-        raise BadImageError(att, "unreadable", f"not a readable .npz archive (numpy.savez): {error}") from None
-    except (OSError, ValueError, EOFError, zlib.error) as error:
-        raise _unreadable(att, error) from None
+    with _archive_errors(att), zipfile.ZipFile(att) as archive:
+        _require_array(att, [name.removesuffix(".npy") for name in archive.namelist()])
+        with archive.open(f"{ARRAY}.npy") as member:
+            shape, dtype = _npy_header(member)
     _check_regions(att, shape, dtype)
     if fc is None:
         return
@@ -120,18 +130,9 @@ def read_feature_rows(image_id: int, att_dir: Path, fc_dir: Path | None) -> np.n
     att, fc = feature_paths(image_id, att_dir, fc_dir)
     if not att.is_file():
         raise _missing(att, "att_dir")
-    try:
-        with np.load(att, allow_pickle=False) as archive:
-            if ARRAY not in archive.files:
-                listed = ", ".join(archive.files) or "nothing"
-                raise BadImageError(att, "unreadable", f"holds no array '{ARRAY}' (it holds {listed})")
-            regions = archive[ARRAY]
-    except BadImageError:
-        raise
-    except zipfile.BadZipFile as error:
-        raise BadImageError(att, "unreadable", f"not a readable .npz archive (numpy.savez): {error}") from None
-    except (OSError, ValueError, EOFError, zlib.error) as error:
-        raise _unreadable(att, error) from None
+    with _archive_errors(att), np.load(att, allow_pickle=False) as archive:
+        _require_array(att, archive.files)
+        regions = archive[ARRAY]
     _check_regions(att, regions.shape, regions.dtype)
     if fc is None:
         global_vector = regions.mean(axis=0, dtype=np.float64)

@@ -271,10 +271,22 @@ class _StepwiseAttentionDecoder(nn.Module):
     """An attention decoder whose teacher forcing steps word by word through its own ``step``.
 
     Captions are sorted by length and the active batch shrinks as captions end, so no step
-    computes on padding. Subclasses define ``embedding``, ``prepare``, ``init_state`` and ``step``.
+    computes on padding. Subclasses define ``embedding``, ``_prepare_regions``, ``init_state`` and ``step``.
     """
 
     embedding: nn.Embedding
+    decoder_name: str  # for the messages about its input
+
+    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
+        """The decoder's per-image work on the grid or regions (and their mask), done once per image."""
+        if isinstance(features, PreparedImages):
+            return features
+        regions, mask = _regions(features, self.decoder_name)  # (batch, num_regions, encoder_dim)
+        return self._prepare_regions(features, regions, mask)
+
+    def _prepare_regions(self, features: EncodedImages, regions: torch.Tensor,
+                         mask: torch.Tensor | None) -> PreparedImages:
+        raise NotImplementedError
 
     def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
                 lengths: torch.Tensor) -> DecoderOutput:
@@ -315,6 +327,8 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
     ``ShowTellDecoder``.
     """
 
+    decoder_name = "attention decoder"
+
     def __init__(
         self,
         vocab_size: int,
@@ -350,11 +364,9 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
         uniform_init_(self, init_scale)
 
-    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
-        """The annotations (the grid, or its BiRNN encoding) and their attention keys, once per image."""
-        if isinstance(features, PreparedImages):
-            return features
-        annotations, mask = _regions(features, "attention decoder")  # (batch, num_pixels, encoder_dim)
+    def _prepare_regions(self, features: EncodedImages, annotations: torch.Tensor,
+                         mask: torch.Tensor | None) -> PreparedImages:
+        """The annotations (the grid, or its BiRNN encoding) and their attention keys."""
         if self.context is not None:
             annotations = self.context(annotations, mask)  # (batch, num_pixels, annotation_dim)
         return PreparedImages(features.global_features, annotations, self.attention.project(annotations), mask)
@@ -406,6 +418,8 @@ class UpDownDecoder(_StepwiseAttentionDecoder):
     the embedding has no ReLU. ``init_scale``: as in ``ShowTellDecoder``.
     """
 
+    decoder_name = "Up-Down decoder"
+
     def __init__(
         self,
         vocab_size: int,
@@ -427,11 +441,9 @@ class UpDownDecoder(_StepwiseAttentionDecoder):
         self.output = WordOutput(self.embedding, hidden_size, tie_embeddings)
         uniform_init_(self, init_scale)
 
-    def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
-        """v̄ (as ``global_features``), the regions and their attention keys, once per image."""
-        if isinstance(features, PreparedImages):
-            return features
-        regions, mask = _regions(features, "Up-Down decoder")  # (batch, num_regions, encoder_dim)
+    def _prepare_regions(self, features: EncodedImages, regions: torch.Tensor,
+                         mask: torch.Tensor | None) -> PreparedImages:
+        """v̄ (as ``global_features``), the regions and their attention keys."""
         mean = self.dropout(_mean_region(regions, mask))  # (batch, encoder_dim)
         regions = self.dropout(regions)  # padded regions stay 0
         return PreparedImages(mean, regions, self.attention.project(regions), mask)

@@ -164,9 +164,11 @@ def test_shapes_presets_run(experiment: str, tmp_path: Path, tiny_shapes: Path) 
 
 
 @pytest.mark.slow
-def test_updown_coco_trains_validates_and_tests_from_precomputed_features(tmp_path: Path, shared_data: Path) -> None:
+@pytest.mark.parametrize("experiment", ["updown_coco", "updown_coco_scst"])
+def test_updown_coco_trains_validates_and_tests_from_precomputed_features(experiment: str, tmp_path: Path,
+                                                                          shared_data: Path) -> None:
     """Issue 15's acceptance: random bottom-up features in the research codebases' layout for the mini
-    Karpathy set (10-40 regions per image), then ``experiment=updown_coco`` for two steps; no image is read."""
+    Karpathy set (10-40 regions per image), then the Up-Down preset for two steps; no image is read."""
     mini = shared_data / "coco-val2017-mini"
     images = json.loads((mini / "dataset_coco_mini.json").read_text())["images"]
     att_dir = tmp_path / "cocobu_att"
@@ -176,7 +178,7 @@ def test_updown_coco_trains_validates_and_tests_from_precomputed_features(tmp_pa
         regions = int(rng.integers(10, 41))
         np.savez_compressed(att_dir / f"{image['cocoid']}.npz", feat=rng.random((regions, 256), dtype=np.float32))
     annotations = [f"data.splits.{split}.annotations=dataset_coco_mini.json" for split in ("train", "val", "test")]
-    overrides = ["experiment=updown_coco", f"paths.data_dir={mini}", *annotations, "trainer=cpu",
+    overrides = [f"experiment={experiment}", f"paths.data_dir={mini}", *annotations, "trainer=cpu",
                  f"data.precomputed.att_dir={att_dir}", "model.encoder.feature_dim=256", "++trainer.max_steps=2",
                  "trainer.max_epochs=1", "data.batch_size=4", "data.num_workers=0", "model.decoder.embed_dim=32",
                  "model.decoder.hidden_size=32", "model.decoder.attention_dim=16"]

@@ -193,3 +193,11 @@ def test_updown_coco_trains_validates_and_tests_from_precomputed_features(experi
     assert {"test/CIDEr", "human_loo/CIDEr", "model_loo/CIDEr"} <= set(metrics)
     splits = json.loads((tmp_path / "run" / "data_splits.json").read_text())
     assert [len(splits[s]) for s in ("train", "val", "test")] == [200, 25, 25]
+
+
+def test_a_wrong_scst_setting_stops_before_anything_loads() -> None:
+    with pytest.raises(ConfigError, match="model.scst: model.scst.samples must be an integer >= 2 with the mean "
+                                          "baseline, got 1"):
+        check_config(_compose(["experiment=shapes_scst", "model.scst.samples=1"]))
+    with pytest.raises(ConfigError, match="model.scst: .*unexpected keyword argument 'sample'"):
+        check_config(_compose(["experiment=shapes_scst", "+model.scst.sample=3"]))

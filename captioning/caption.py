@@ -39,7 +39,8 @@ from captioning.data.tokenize import detokenize
 from captioning.data.transforms import build_image_transform
 from captioning.data.vocab import Vocabulary
 from captioning.decoding import GenerationSettings, generate
-from captioning.models.encoder_decoder import EncoderDecoder, build_encoder_decoder
+from captioning.models.encoder_decoder import EncoderDecoder, build_encoder_decoder, target_of
+from captioning.models.encoders import PrecomputedEncoder
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class Captioner:
         vocab = Vocabulary(settings["vocab"])
         generation = _generation_settings(settings, beam_size=beam_size, max_length=max_length, n_best=n_best,
                                           length_penalty=length_penalty, block_trigrams=block_trigrams)
+        if settings["encoder"].get("_target_") == target_of(PrecomputedEncoder):
+            raise ValueError(f"{path} is a model of precomputed region features (data.precomputed): it has no image "
+                             "encoder, so it cannot caption image files; score it with train.py train=false ckpt_path=")
         # the checkpoint holds every weight: build the encoder without loading (or downloading) any
         encoder = {**settings["encoder"], "weights": None, "weights_path": None}
         model = build_encoder_decoder(len(vocab), encoder, settings["decoder"])

@@ -16,9 +16,9 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
+from captioning.errors import check_choice
 from captioning.models.decoders import CaptionDecoder, PreparedImages
 from captioning.models.encoders import EncodedImages
-from captioning.errors import check_choice
 
 Images = EncodedImages | PreparedImages  # the encoder's outputs, or the decoder's prepared ones
 Strategy = Literal["greedy", "beam", "sample"]
@@ -68,7 +68,7 @@ class SpecialTokens:
         return cls(ids.bos_id, ids.eos_id, ids.pad_id, ids.unk_id)
 
 
-# a CaptioningLitModule hyperparameter -> the GenerationSettings field it sets (names kept for old checkpoints)
+# a CaptioningLitModule hyperparameter -> the GenerationSettings field it sets (the hyperparameters keep their names)
 HPARAM_FIELDS = {"beam_size": "beam_size", "max_decode_length": "max_length", "length_penalty": "length_penalty",
                  "block_trigrams": "block_trigrams", "allow_unk": "allow_unk"}
 
@@ -150,12 +150,7 @@ def generate(decoder: CaptionDecoder, features: Images, tokens: SpecialTokens | 
     """
     if differentiable and (settings.strategy == "beam" or settings.block_trigrams):
         raise ValueError("differentiable generation samples or decodes greedily; beam search is not differentiable")
-    with torch.set_grad_enabled(differentiable):
-        return _generate(decoder, features, SpecialTokens.of(tokens), settings, generator)
-
-
-def _generate(decoder: CaptionDecoder, features: Images, special: SpecialTokens, settings: GenerationSettings,
-              generator: torch.Generator | None) -> DecodedCaptions:
+    special = SpecialTokens.of(tokens)
     if settings.allow_unk:
         special = replace(special, unk=None)
     common = {"bos_id": special.bos, "eos_id": special.eos, "pad_id": special.pad, "unk_id": special.unk,
@@ -165,8 +160,8 @@ def _generate(decoder: CaptionDecoder, features: Images, special: SpecialTokens,
                            n_best=settings.n_best, block_trigrams=settings.block_trigrams, **common)
     if settings.strategy == "sample":
         return sample_decode(decoder, features, temperature=settings.temperature, top_k=settings.top_k,
-                             generator=generator, **common)
-    return greedy_decode(decoder, features, **common)
+                             generator=generator, differentiable=differentiable, **common)
+    return greedy_decode(decoder, features, differentiable=differentiable, **common)
 
 
 def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: bool) -> torch.Tensor:
@@ -220,8 +215,15 @@ class _Finished(NamedTuple):
 
 
 def _decode_one_path(decoder: CaptionDecoder, features: Images, special: SpecialTokens, max_length: int,
-                     min_length: int, choose: Chooser) -> DecodedCaptions:
-    """One word per step per image, picked by ``choose``, until ``<eos>`` or ``max_length`` words."""
+                     min_length: int, choose: Chooser, differentiable: bool) -> DecodedCaptions:
+    """One word per step per image, picked by ``choose``, until ``<eos>`` or ``max_length`` words; with
+    ``differentiable``, autograd records the way from the weights to ``word_log_probs``."""
+    with torch.set_grad_enabled(differentiable):
+        return _decode_steps(decoder, features, special, max_length, min_length, choose)
+
+
+def _decode_steps(decoder: CaptionDecoder, features: Images, special: SpecialTokens, max_length: int,
+                  min_length: int, choose: Chooser) -> DecodedCaptions:
     features = decoder.prepare(features)
     rows, device = features.global_features.shape[0], features.global_features.device
     state = decoder.init_state(features)
@@ -247,15 +249,17 @@ def _decode_one_path(decoder: CaptionDecoder, features: Images, special: Special
 
 
 def greedy_decode(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id: int, max_length: int,
-                  pad_id: int = 0, min_length: int = 0, unk_id: int | None = None) -> DecodedCaptions:
+                  pad_id: int = 0, min_length: int = 0, unk_id: int | None = None,
+                  differentiable: bool = False) -> DecodedCaptions:
     """The most probable word at every step."""
     return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id, unk_id), max_length, min_length,
-                            lambda log_probs: log_probs.argmax(dim=-1))
+                            lambda log_probs: log_probs.argmax(dim=-1), differentiable)
 
 
 def sample_decode(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id: int, max_length: int,
                   pad_id: int = 0, min_length: int = 0, temperature: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None, unk_id: int | None = None) -> DecodedCaptions:
+                  generator: torch.Generator | None = None, unk_id: int | None = None,
+                  differentiable: bool = False) -> DecodedCaptions:
     """Words drawn from the model's distribution, sharpened by ``temperature`` and cut to the ``top_k``.
 
     The returned log-probabilities are the model's own (temperature 1, no cut).
@@ -271,7 +275,7 @@ def sample_decode(decoder: CaptionDecoder, features: Images, bos_id: int, eos_id
         return torch.multinomial(torch.softmax(scores, dim=1), 1, generator=generator).squeeze(1)
 
     return _decode_one_path(decoder, features, SpecialTokens(bos_id, eos_id, pad_id, unk_id), max_length,
-                            min_length, draw)
+                            min_length, draw, differentiable)
 
 
 @torch.no_grad()

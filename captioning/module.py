@@ -15,7 +15,7 @@ from captioning.checkpoints import check_finite, describe, load_checkpoint
 from captioning.config import CheckpointMismatchError
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
-from captioning.data.vocab import Vocabulary
+from captioning.data.vocab import EOS, Vocabulary
 from captioning.decoding import DecodedCaptions, GenerationSettings, generate
 from captioning.evaluation.cider_reward import CiderD
 from captioning.evaluation.coco import CocoCaptionEvaluator
@@ -23,12 +23,13 @@ from captioning.evaluation.distributed import broadcast_from_rank_zero, gather_p
 from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
 from captioning.models.decoders import DecoderOutput, PreparedImages
 from captioning.models.encoder_decoder import build_encoder_decoder
+from captioning.models.encoders import EncodedImages
 from captioning.scheduled_sampling import SamplingSchedule, scheduled_sampling_forward
 from captioning.scst import ScstSettings, scst_step
 
 log = logging.getLogger(__name__)
 
-END_TOKEN = "<eos>"  # ends the references and the finished samples the SCST reward scores
+END_TOKEN = EOS  # ends the references and the finished samples the SCST reward scores
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -121,17 +122,20 @@ class CaptioningLitModule(pl.LightningModule):
 
     def _self_critical_step(self, batch: CaptionBatch) -> torch.Tensor:
         """SCST: ``scst.samples`` captions sampled per image, rewarded by CIDEr-D, minus the baseline."""
-        prepared = self.encode_batch(batch)  # (images, ...)
+        encoded = self.encoder_outputs(batch)  # (images, ...)
+        prepared = self.net.decoder.prepare(encoded)
         images = batch.image_ids.shape[0]
         rows = torch.arange(images, device=batch.image_ids.device).repeat_interleave(self.scst.samples)
         sampling = GenerationSettings(strategy="sample", max_length=self.scst.max_length,
                                       allow_unk=self.generation.allow_unk)
         samples = generate(self.net.decoder, prepared.select(rows), self.vocab, sampling, differentiable=True)
         greedy = None
-        if self.scst.baseline == "greedy":  # decoded as at test time: dropout off, no gradient
+        if self.scst.baseline == "greedy":  # decoded as at test time: dropout off (prepare's too), no gradient
             self.net.decoder.eval()
-            greedy = generate(self.net.decoder, prepared, self.vocab, replace(sampling, strategy="greedy"))
-            self.net.decoder.train()
+            try:
+                greedy = generate(self.net.decoder, encoded, self.vocab, replace(sampling, strategy="greedy"))
+            finally:
+                self.net.decoder.train()
         if self._reward is None:
             self._reward = CiderD(self._references("train"), end_token=END_TOKEN)
         step = scst_step(samples, greedy, batch.image_ids.tolist(), self._caption_words, self._reward.scores,
@@ -150,10 +154,14 @@ class CaptioningLitModule(pl.LightningModule):
 
     def encode_batch(self, batch: CaptionBatch) -> PreparedImages:
         """The batch's images through the encoder, or its cached encoder features, ready for the decoder."""
+        return self.net.decoder.prepare(self.encoder_outputs(batch))
+
+    def encoder_outputs(self, batch: CaptionBatch) -> EncodedImages:
+        """The encoder's outputs for the batch: computed from its pixels, or its cached / precomputed features."""
         if batch.features is not None:
             self._check_features_from(batch)
-            return self.net.encode_cached(batch.features, batch.feature_mask)
-        return self.net.encode(batch.images)
+            return self.net.cached_outputs(batch.features, batch.feature_mask)
+        return self.net.encoder(batch.images)
 
     def _loss(self, output: DecoderOutput, batch: CaptionBatch, label_smoothing: float = 0.0) -> torch.Tensor:
         loss = masked_cross_entropy(output.logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)

@@ -85,7 +85,8 @@ def scst_step(samples: DecodedCaptions, greedy: DecodedCaptions | None, image_id
         baseline = torch.from_numpy(reward(list(image_ids), captions(greedy))).unsqueeze(1).expand(-1, n)
     else:
         baseline = mean_of_others(rewards)  # (images, n)
-    advantage = (rewards - baseline).flatten().to(samples.word_log_probs.device)  # (images * n,)
+    # float64 from the reward; the loss's own dtype on its device (some accelerators have no float64)
+    advantage = (rewards - baseline).flatten().to(samples.word_log_probs.device, samples.word_log_probs.dtype)
     loss = self_critical_loss(samples.word_log_probs, samples.lengths, advantage)
     words = samples.lengths.sum().clamp(min=1)
     return ScstStep(loss, rewards.mean().item(), baseline.mean().item(), advantage.abs().mean().item(),

@@ -6,9 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from captioning.caption import Captioner, expand_inputs, main, parse_args
+from captioning.models.decoders import UpDownDecoder
+from captioning.models.encoder_decoder import target_of
+from captioning.models.encoders import PrecomputedEncoder
+from captioning.module import CaptioningLitModule
 from tests.conftest import PROJECT_ROOT
 from tests.test_train import QUICK, _config
 import train
@@ -143,3 +148,14 @@ def test_a_flag_out_of_range_is_named_before_anything_loads(flag: str, value: st
         parse_args(["a.jpg", "--checkpoint", "missing.ckpt", flag, value])
     assert stopped.value.code == 2
     assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_a_model_of_precomputed_region_features_is_refused_for_image_files(tmp_path: Path) -> None:
+    module = CaptioningLitModule(["<pad>", "<bos>", "<eos>", "<unk>", "a"],
+                                 {"_target_": target_of(PrecomputedEncoder), "feature_dim": 8},
+                                 {"_target_": target_of(UpDownDecoder), "embed_dim": 8, "hidden_size": 8,
+                                  "attention_dim": 4})
+    checkpoint = tmp_path / "updown.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+    with pytest.raises(ValueError, match="model of precomputed region features .* cannot caption image files"):
+        Captioner.from_checkpoint(checkpoint, device="cpu")

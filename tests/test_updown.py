@@ -18,7 +18,7 @@ from captioning.models.encoder_decoder import build_encoder_decoder, target_of
 from captioning.models.encoders import EncodedImages, PrecomputedEncoder
 from captioning.scheduled_sampling import scheduled_sampling_forward
 from tests.conftest import PROJECT_ROOT
-from tests.test_decoding import BOS, EOS, ENCODER_DIM, make_decoder, random_captions
+from tests.test_decoding import BOS, ENCODER_DIM, EOS, make_decoder, random_captions
 
 ATTENTION_DECODERS = [
     ("show_attend_tell", {"cell": "lstm"}),

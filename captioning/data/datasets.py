@@ -17,8 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from captioning.data.images import BadImageError
-from captioning.errors import InputError
-from captioning.errors import check_choice
+from captioning.errors import InputError, check_choice
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from captioning.errors import check_choice
 from captioning.models.attention import AdditiveAttention, BidirectionalContext
 from captioning.models.encoders import EncodedImages
-from captioning.errors import check_choice
 
 State = tuple[torch.Tensor, ...]
 

@@ -54,10 +54,14 @@ class EncoderDecoder(nn.Module):
 
     def encode_cached(self, rows: torch.Tensor, mask: torch.Tensor | None = None) -> PreparedImages:
         """``encode`` for the encoder's cached outputs (``CNNEncoder.feature_rows``) or precomputed region
-        features, e.g. float16 from disk, in the decoder's dtype: rows (batch, 1 + num_regions, dim), global
-        vector first; ``mask`` (batch, num_regions) bool, True for real regions (None: all are real)."""
+        features (``cached_outputs``)."""
+        return self.decoder.prepare(self.cached_outputs(rows, mask))
+
+    def cached_outputs(self, rows: torch.Tensor, mask: torch.Tensor | None = None) -> EncodedImages:
+        """Encoder outputs read from disk (e.g. float16), in the decoder's dtype: rows (batch, 1 + num_regions,
+        dim), global vector first; ``mask`` (batch, num_regions) bool, True for real regions (None: all real)."""
         dtype = next(self.decoder.parameters()).dtype  # the encoder may have no tensors (PrecomputedEncoder)
-        return self.decoder.prepare(EncodedImages.from_rows(rows.to(dtype), mask))
+        return EncodedImages.from_rows(rows.to(dtype), mask)
 
 
 def component_class(settings: Mapping[str, Any], known: Mapping[str, type[nn.Module]], where: str) -> type[nn.Module]:

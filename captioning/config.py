@@ -84,6 +84,7 @@ def check_config(cfg: DictConfig, sections: tuple[str, ...] = ("data", "model", 
             _check(node, None if accepted is None else accepted - bound, f"model.{key}", target.__name__)
         _check_generation(model)
         _check_scst(model)
+        _check_precomputed(cfg)
 
 
 def _check_numbers(cfg: DictConfig) -> None:
@@ -108,6 +109,21 @@ def _check_generation(model: DictConfig) -> None:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"the decoding settings model.beam_size / max_decode_length / length_penalty / "
                           f"block_trigrams / allow_unk: {error}") from None
+
+
+def _check_precomputed(cfg: DictConfig) -> None:
+    """Precomputed region features (``data.precomputed``) and the weightless ``PrecomputedEncoder`` go together."""
+    from captioning.models.encoder_decoder import target_of
+    from captioning.models.encoders import PrecomputedEncoder
+
+    served = bool(OmegaConf.select(cfg, "data.precomputed", default=None))
+    reads = OmegaConf.select(cfg, "model.encoder._target_", default=None) == target_of(PrecomputedEncoder)
+    if served and not reads:
+        raise ConfigError("data.precomputed serves region features, but model.encoder is an image encoder: use "
+                          "model/encoder=precomputed (model=updown does), or data.precomputed=null to read images")
+    if reads and not served:
+        raise ConfigError("model.encoder is the precomputed-feature encoder, but data.precomputed is not set: give "
+                          "data.precomputed.att_dir (the <image id>.npz region features), or an image encoder")
 
 
 def _check_scst(model: DictConfig) -> None:

@@ -201,3 +201,13 @@ def test_a_wrong_scst_setting_stops_before_anything_loads() -> None:
         check_config(_compose(["experiment=shapes_scst", "model.scst.samples=1"]))
     with pytest.raises(ConfigError, match="model.scst: .*unexpected keyword argument 'sample'"):
         check_config(_compose(["experiment=shapes_scst", "+model.scst.sample=3"]))
+
+
+def test_precomputed_features_need_the_precomputed_encoder_and_back() -> None:
+    with pytest.raises(ConfigError, match="data.precomputed serves region features, but model.encoder is an image "
+                                          "encoder: use model/encoder=precomputed"):
+        check_config(_compose(["data.precomputed={att_dir: feats}"]))
+    with pytest.raises(ConfigError, match="model.encoder is the precomputed-feature encoder, but data.precomputed "
+                                          "is not set"):
+        check_config(_compose(["model=updown"]))
+    check_config(_compose(["model=updown", "data.precomputed={att_dir: feats}"]))

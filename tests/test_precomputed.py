@@ -272,7 +272,7 @@ def test_karpathy_split_from_features_keyed_by_coco_id(shared_data: Path, tmp_pa
     written = _write_features(tmp_path / "features", cocoids, fc=False)
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "data=coco2014_karpathy", f"paths.data_dir={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+            "data=coco2014_karpathy", "model=updown", f"paths.data_dir={root}", f"paths.cache_dir={tmp_path / 'cache'}",
             *(f"data.splits.{s}.annotations=dataset_coco_mini.json" for s in ("train", "val", "test")),
             f"data.precomputed={{att_dir:{tmp_path / 'features' / 'att'},fc_dir:null}}",
             "data.min_word_count=1", "data.num_workers=0", "data.batch_size=16"])

@@ -202,7 +202,8 @@ def test_a_precomputed_features_model_reads_padded_rows_with_their_mask() -> Non
 
 def test_the_updown_and_precomputed_configs_compose_and_build() -> None:
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["model=show_tell", "model/decoder=updown", "model/encoder=precomputed"])
+        cfg = compose("train", overrides=["model=show_tell", "model/decoder=updown", "model/encoder=precomputed",
+                                          "data.precomputed={att_dir: feats}"])
     check_config(cfg)
     decoder = OmegaConf.to_container(cfg.model.decoder, resolve=True)
     assert {key: decoder[key] for key in ("embed_dim", "hidden_size", "attention_dim", "dropout")} == {

@@ -36,17 +36,23 @@ class PrecomputedEncoderConfig:
 
 
 @dataclass
-class RecurrentDecoderConfig:
-    """What every recurrent decoder takes (``captioning.models.decoders``)."""
+class DecoderConfig:
+    """What every decoder takes (``captioning.models.decoders``)."""
 
     _target_: str = MISSING
-    cell: str = MISSING
     embed_dim: int = MISSING
     hidden_size: int = MISSING
-    num_layers: int = MISSING
     dropout: float = MISSING
     tie_embeddings: bool = MISSING
     init_scale: Optional[float] = MISSING
+
+
+@dataclass
+class RecurrentDecoderConfig(DecoderConfig):
+    """A decoder of one kind of cell, stacked ``num_layers`` deep."""
+
+    cell: str = MISSING
+    num_layers: int = MISSING
 
 
 @dataclass
@@ -67,16 +73,10 @@ class ShowAttendTellDecoderConfig(RecurrentDecoderConfig):
 
 
 @dataclass
-class UpDownDecoderConfig:
+class UpDownDecoderConfig(DecoderConfig):
     """``UpDownDecoder``: its two cells are LSTMs, one of each kind, so it has no ``cell`` or ``num_layers``."""
 
-    _target_: str = MISSING
-    embed_dim: int = MISSING
-    hidden_size: int = MISSING
     attention_dim: int = MISSING
-    dropout: float = MISSING
-    tie_embeddings: bool = MISSING
-    init_scale: Optional[float] = MISSING
 
 
 SCHEMAS = {

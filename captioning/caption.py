@@ -23,6 +23,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ from PIL import Image
 from rich.progress import track
 
 from captioning.checkpoints import check_finite, describe, load_checkpoint, network_state
+from captioning.cli_args import EXIT_STATUS_HELP, non_negative_float, positive_int
 from captioning.data.datasets import IMAGE_EXTENSIONS
+from captioning.data.files import check_writable, write_text, writing_alone
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.tokenize import detokenize
 from captioning.data.transforms import build_image_transform
@@ -237,53 +240,67 @@ def format_results(results: list[CaptionResult], output_format: str, n_best: boo
     return "".join(f"{r.file}\t{r.caption}\n" for r in results)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (argparse then names the flag and exits with status 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="caption", description="Caption images with a trained checkpoint.")
+    parser = argparse.ArgumentParser(prog="captioning caption", description="Caption images with a trained checkpoint.",
+                                     epilog=EXIT_STATUS_HELP)
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.ckpt)")
     parser.add_argument("--beam-size", type=positive_int, help="1: greedy (default: the training one, as validation decoded)")
     parser.add_argument("--max-length", type=positive_int, help="most words per caption (default: the training one)")
     parser.add_argument("--n-best", type=positive_int, help="the K best captions per image, with log-probabilities "
                                                    "(K <= beam size)")
-    parser.add_argument("--length-penalty", type=float,
-                        help="rank captions by log-prob / length ** this (default: the training one)")
+    parser.add_argument("--length-penalty", type=non_negative_float,
+                        help="rank beam captions by log-prob / length ** this, a finite number >= 0: 0 ranks by "
+                             "log-prob alone, larger values favour longer captions (a negative one would punish "
+                             "length beyond the log-probs, which already do; default: the training one)")
     parser.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
                         help="never repeat a word trigram within a caption (default: the training setting)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--format", choices=("text", "json", "csv"), default="text", dest="output_format")
-    parser.add_argument("--output", type=Path, help="write here instead of standard output")
+    parser.add_argument("--output", type=Path,
+                        help="write here instead of standard output: checked before the model loads, replaced "
+                             "whole at the end (never left truncated), and refused while another run writes it")
     parser.add_argument("--attention-maps", type=Path, help="folder for one attention PNG per image")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``caption`` command; exit status 0 all captioned, 1 some images skipped, 2 usage or input error."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     files = expand_inputs(args.inputs)
     if not files:
         print("caption: no image found in the given inputs", file=sys.stderr)
         return 2
-    try:
-        captioner = Captioner.from_checkpoint(args.checkpoint, args.device, beam_size=args.beam_size,
-                                              max_length=args.max_length, n_best=args.n_best,
-                                              length_penalty=args.length_penalty, block_trigrams=args.block_trigrams)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"caption: {error}", file=sys.stderr)
-        return 2
+    with ExitStack() as claimed:
+        try:
+            _claim_outputs(args, claimed)
+            captioner = Captioner.from_checkpoint(args.checkpoint, args.device, beam_size=args.beam_size,
+                                                  max_length=args.max_length, n_best=args.n_best,
+                                                  length_penalty=args.length_penalty,
+                                                  block_trigrams=args.block_trigrams)
+        except (FileNotFoundError, ValueError, RuntimeError) as error:
+            print(f"caption: {error}", file=sys.stderr)
+            return 2
+        results, failed = _caption_all(captioner, files, args)
+        _write_results(format_results(results, args.output_format, n_best=args.n_best is not None), args.output)
+    if failed:
+        print(f"caption: {failed} of {len(files)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _claim_outputs(args: argparse.Namespace, claimed: ExitStack) -> None:
+    """Find unwritable outputs and a concurrent writer of ``--output`` before the model loads (``InputError``)."""
+    if args.output is not None:
+        check_writable(args.output, "--output")
+        claimed.enter_context(writing_alone(args.output, "--output"))
     if args.attention_maps is not None:
-        args.attention_maps.mkdir(parents=True, exist_ok=True)
+        check_writable(args.attention_maps, "--attention-maps", folder=True)
+
+
+def _caption_all(captioner: Captioner, files: list[Path], args: argparse.Namespace) -> tuple[list[CaptionResult], int]:
+    """Every readable file's result (and its attention figure), and how many files were skipped."""
     results, failed = [], 0
     for outcome in captioner.caption_files(files, args.batch_size, progress=len(files) > args.batch_size):
         if isinstance(outcome, BadImageError):
@@ -295,14 +312,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_attention_map(outcome, args.attention_maps / f"{len(results):05d}_{Path(outcome.file).stem}.png")
     if args.attention_maps is not None and results and results[0].attention is None:
         print("caption: this model has no attention, so no attention maps were written", file=sys.stderr)
-    text = format_results(results, args.output_format, n_best=args.n_best is not None)
-    if args.output is not None:
-        args.output.write_text(text)
-    else:
+    return results, failed
+
+
+def _write_results(text: str, output: Path | None) -> None:
+    """``output`` replaced whole, or standard output; file names that are not UTF-8 keep their own bytes.
+
+    Should ``output`` fail after all (a full disk), the captions go to standard output instead of
+    being lost.
+    """
+    if output is not None:
+        try:
+            write_text(output, text, errors="surrogateescape")
+            return
+        except OSError as error:
+            print(f"caption: could not write --output {output} ({error.strerror or error}); "
+                  "the captions follow on standard output", file=sys.stderr)
+    try:
         sys.stdout.write(text)
-    if failed:
-        print(f"caption: {failed} of {len(files)} images could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    except UnicodeEncodeError:  # a file name that is not valid in the terminal's encoding
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "utf-8", "backslashreplace"))
+        sys.stdout.buffer.flush()
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def test_a_clean_dataset_passes(tmp_path: Path, capsys) -> None:
 def test_output_holds_the_full_report_the_vocabulary_and_the_image_cache(planted, tmp_path: Path) -> None:
     annotations, images = planted
     out = tmp_path / "out"
-    arguments = _arguments(annotations, images, "--output", str(out), "--image-cache", "--image-size", "24",
+    arguments = _arguments(annotations, images, "--output", str(out), "--image-cache", str(out / "cache"),
+                           "--image-size", "32",
                            "--min-word-count", "2", "--show", "1")
     assert main(arguments) == 1
     report = json.loads((out / "report.json").read_text())
@@ -151,7 +152,7 @@ def test_output_holds_the_full_report_the_vocabulary_and_the_image_cache(planted
     assert vocab["min_count"] == 2 and len(vocab["tokens"]) == report["vocabulary"]["size"]
 
     dataset = load_annotations("coco", annotations, images)
-    cache = ImageCache.open(out / "image_cache", 24, dataset)
+    cache = ImageCache.open(out / "cache", 32, dataset)
     assert len(cache) == 15 - 5  # missing, 3 unreadable, too large
     assert {b.image_id for b in cache.bad.values()} == {
         i.image_id for i in dataset if PLANTED.get(i.path.name) in ("missing", "unreadable", "too_large")}
@@ -200,8 +201,12 @@ def test_unreadable_annotations_exit_2_naming_the_file(planted, problem: str, ca
     ["--format", "coco", "--images", "x"],  # no annotations
     ["--format", "images", "--images", "x", "--annotations", "a.json"],
     ["--format", "coco", "--annotations", "a.json", "--images", "x", "--split", "train"],
-    ["--format", "coco", "--annotations", "a.json", "--images", "x", "--image-cache"],  # no --output
+    ["--format", "coco", "--annotations", "a.json", "--images", "x", "--image-cache", "--check-only"],
     ["--format", "coco", "--annotations", "a.json", "--images", "x", "--image-size", "0"],
+    ["--format", "coco", "--annotations", "a.json", "--images", "x", "--image-size", "31"],  # config.LOWEST: 32
+    ["--format", "coco", "--annotations", "a.json", "--images", "x", "--min-word-count", "nan"],
+    ["--format", "coco", "--annotations", "a.json", "--images", "x", "--workers", "-1"],
+    ["--format", "coco", "--annotations", "a.json", "--images", "x", "--images", "y"],  # a folder without its file
     ["--format", "tfrecord", "--annotations", "a.json", "--images", "x"],
 ])
 def test_bad_arguments_exit_2(arguments: list[str], capsys) -> None:

@@ -2,7 +2,9 @@
 
 The shapes generator and the caches (``captioning.data.cache``) all write a folder in a staging
 place, add a manifest last and rename the folder into place, so a reader never sees a half-written
-one. ``write_json`` does the same for one file (run summaries, reports).
+one. ``write_text`` and ``write_json`` do the same for one file (run summaries, reports, the
+command-line tools' outputs), and ``check_writable`` / ``writing_alone`` let a command find an
+unwritable output or a second writer before its work starts, not after.
 """
 
 import fcntl
@@ -10,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,16 +20,60 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from captioning.errors import InputError
+
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 22
 
 
 @contextmanager
-def locked(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file``; other processes (e.g. DDP ranks) wait for it."""
+def locked(lock_file: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file``; other processes (e.g. DDP ranks) wait for it.
+
+    With ``wait=False`` a lock held elsewhere raises ``BlockingIOError`` at once instead.
+    """
     with open(lock_file, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        # released when the file closes, also if this process dies
+        fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
+
+
+def check_writable(path: Path, flag: str, folder: bool = False) -> None:
+    """Raise ``InputError`` naming ``flag`` and ``path`` unless a file (or with ``folder``, files in it) can be
+    written there; missing parent folders are created.
+
+    A command calls this before loading a model or reading a dataset, so a typo in an output path costs
+    a second, not the whole run. It writes (and removes) a probe file: permission bits alone miss
+    read-only file systems.
+    """
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file name")
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as error:
+        raise InputError(f"{flag} {path} cannot be written ({error.strerror or error}): "
+                         "choose a writable location") from None
+
+
+@contextmanager
+def writing_alone(path: Path, flag: str) -> Iterator[None]:
+    """Hold ``path``'s lock file (``.NAME.lock`` beside it) for the whole run, or raise ``InputError`` at once.
+
+    The atomic ``write_text`` alone would make two runs on one output keep whichever finished last
+    without a word; with this, the second run stops before its work and says why. The lock file
+    stays (removing it would let a third run lock a file the first still holds).
+    """
+    lock_file = path.with_name(f".{path.name}.lock")
+    try:
+        with locked(lock_file, wait=False):
+            yield
+    except BlockingIOError:
+        raise InputError(f"another process is writing {flag} {path} (it holds {lock_file}): wait for it to "
+                         "finish or choose another output") from None
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -47,8 +94,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_text(path: Path, text: str, errors: str = "strict") -> None:
+    """Write UTF-8 to a temporary file of this writer's own beside ``path``, then rename it over ``path``.
+
+    A reader (or a crash) sees the old file or the whole new one, never a truncated one. The text is
+    encoded before any file is touched, so an encoding error (``errors="strict"``) leaves ``path`` as
+    it was; ``errors="surrogateescape"`` writes file names that are not UTF-8 back as their own bytes.
+    """
+    data = text.encode("utf-8", errors)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write then rename, so a reader sees the old file or the whole new one.
+    """Write then rename (``write_text``), so a reader sees the old file or the whole new one.
 
     Strict JSON only: a NaN or an infinity (which ``json`` would write as the non-JSON ``NaN``) is
     refused with a ``ValueError`` naming the file, and nothing is written.
@@ -59,9 +125,7 @@ def write_json(path: Path, data: Any) -> None:
         where = _nonfinite_entry(data)
         raise ValueError(f"{path} is not written: {where or 'a value'} is not a finite number, which strict JSON "
                          "cannot hold (a diverged run, e.g. a learning rate too high, produces such numbers)") from None
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_text(path, text)
 
 
 def _nonfinite_entry(data: Any, where: str = "") -> str | None:

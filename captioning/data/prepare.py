@@ -1,20 +1,28 @@
-"""Check a caption dataset before training; write its vocabulary, a report and a resized-image cache.
+"""Check a caption dataset before training; write its vocabulary, a report and the resized-image cache.
 
-    python -m captioning.data.prepare --format coco --annotations captions_train2017.json \
-        --images train2017 [--output prepared/ [--image-cache --image-size 256]] [--check-only]
+    captioning prepare --format coco --annotations annotations/captions_train2017.json --images train2017 \
+        --annotations annotations/captions_val2017.json --images val2017 \
+        [--output prepared/] [--image-cache [DIR] --image-size 224] [--check-only]
+
+(``python -m captioning.data.prepare`` runs the same.) ``--annotations``/``--images`` pairs may be
+repeated: one check, one vocabulary and one image cache over all of them.
 
 Real datasets hold missing, truncated and non-RGB images, empty captions and files in the wrong
 encoding; finding them here takes minutes, finding them mid-training costs the run. Every image is
 decoded once (through ``open_rgb``, as training does) and every caption tokenized once (as
 training does). Problems are printed with their file names (the first ``--show`` of each kind) and
 all of them go to ``report.json`` under ``--output``; nothing is dropped silently. With
-``--output`` the vocabulary (``vocab.json``) is written too, and with ``--image-cache`` the
-resized-image cache (``image_cache/``, see ``captioning.data.image_cache``). Rerunning rewrites
-nothing that is already up to date.
+``--output`` the vocabulary (``vocab.json``) is written too. ``--image-cache`` writes the
+resized-image cache (``captioning.data.image_cache``) into the folder training reads with
+``data.image_cache=true``: by default the same folder as training's default ``data.image_cache_dir``
+(``paths.cache_dir``/images, ``CAPTIONING_CACHE_DIR``), at ``--image-size`` (training's
+``data.image_size``, 224 in the dataset configs). Training opens a cache of its images or of more
+(all splits prepared at once) and decodes nothing again. Rerunning rewrites nothing that is
+already up to date; output locations are checked before any image is read.
 
 Exit status: 0 no errors (images converted to RGB are counted, not errors), 1 errors (missing,
-unreadable or too large images, empty captions, repeated image ids), 2 bad arguments or an
-annotation file that cannot be read.
+unreadable or too large images, empty captions, repeated image ids), 2 bad arguments, an
+annotation file that cannot be read or an output that cannot be written.
 """
 
 import argparse
@@ -31,7 +39,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from captioning.cli_args import EXIT_STATUS_HELP, int_at_least, non_negative_int, positive_int
+from captioning.config import LOWEST
 from captioning.data.datasets import FORMATS, CaptionedImage, load_annotations
+from captioning.data.files import check_writable, write_text
 from captioning.data.image_cache import ImageCacheReport, image_mapper, write_image_cache
 from captioning.data.images import BadImageError, open_rgb
 from captioning.data.tokenize import tokenize
@@ -62,7 +73,10 @@ CONVERSIONS = {  # images made RGB by open_rgb, as training will: counted, not e
     "32-bit": "32-bit integer or float (scaled to 8 bits)",
     "other": "other modes",
 }
-REPORT_NAME, VOCAB_NAME, CACHE_DIR = "report.json", "vocab.json", "image_cache"
+REPORT_NAME, VOCAB_NAME = "report.json", "vocab.json"
+# the dataset configs' data.image_size: a cache at another size is not the one training opens
+TRAINING_IMAGE_SIZE = 224
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder of train.py in a checkout
 
 
 @dataclass(frozen=True)
@@ -217,71 +231,94 @@ def vocabulary_summary(vocab: Vocabulary, tokens: list[list[str]], min_count: in
 # ---------------------------------------------------------------- CLI
 
 
+def default_image_cache_dir() -> Path:
+    """Training's default ``data.image_cache_dir``, resolved as conf/paths/default.yaml and train.py do.
+
+    ``${paths.cache_dir}/images``, where ``paths.cache_dir`` is ``CAPTIONING_CACHE_DIR`` or
+    ``${paths.root_dir}/cache`` and ``paths.root_dir`` is ``CAPTIONING_ROOT`` or train.py's folder.
+    """
+    root = Path(os.environ.get("CAPTIONING_ROOT") or PROJECT_ROOT)
+    return Path(os.environ.get("CAPTIONING_CACHE_DIR") or root / "cache") / "images"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m captioning.data.prepare",
+    parser = argparse.ArgumentParser(prog="captioning prepare", epilog=EXIT_STATUS_HELP,
                                      description="Check a caption dataset; write its vocabulary, a report and "
-                                                 "a resized-image cache.")
+                                                 "the resized-image cache training reads.")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="coco: COCO captions JSON; karpathy: dataset_*.json with splits; folder: JSONL/CSV "
                              "rows (file, caption[, split]); images: a folder of images, no captions")
-    parser.add_argument("--annotations", type=Path, help="the annotation file (every format but images)")
-    parser.add_argument("--images", type=Path, required=True, help="the image folder (Karpathy: its root)")
+    parser.add_argument("--annotations", type=Path, action="append",
+                        help="the annotation file (every format but images); repeat it with --images for "
+                             "several parts, e.g. COCO's train and val files")
+    parser.add_argument("--images", type=Path, action="append", required=True,
+                        help="the image folder of the --annotations before it (Karpathy: the dataset root)")
     parser.add_argument("--split", action="extend", nargs="+", metavar="SPLIT",
                         help="karpathy/folder: only these splits (default: all); the vocabulary comes from "
                              "them, so pass the training split(s) for the training vocabulary")
-    parser.add_argument("--output", type=Path, help="write report.json, vocab.json (and image_cache/) here")
+    parser.add_argument("--output", type=Path, help="write report.json and vocab.json into this folder")
     parser.add_argument("--check-only", action="store_true", help="check and print; write nothing")
-    parser.add_argument("--image-cache", action="store_true", help="write the resized-image cache under --output")
-    parser.add_argument("--image-size", type=int, default=256, help="side of the cached square images")
-    parser.add_argument("--min-word-count", type=int, default=5, help="vocabulary: words seen fewer times are <unk>")
-    parser.add_argument("--max-caption-length", type=int, default=16, help="words kept per caption in training")
-    parser.add_argument("--workers", type=int, default=0, help="processes decoding images (0: this one)")
-    parser.add_argument("--show", type=int, default=20, help="problems printed per kind (all go to report.json)")
+    parser.add_argument("--image-cache", type=Path, nargs="?", const=default_image_cache_dir(), metavar="DIR",
+                        help="write the resized-image cache into DIR, where training with data.image_cache=true "
+                             f"finds it (default: training's data.image_cache_dir, now {default_image_cache_dir()}"
+                             "; for another DIR train with data.image_cache_dir=DIR)")
+    parser.add_argument("--image-size", type=int_at_least(int(LOWEST["data.image_size"])),
+                        default=TRAINING_IMAGE_SIZE,
+                        help="side of the cached square images: training's data.image_size, or training "
+                             f"makes its own cache (default {TRAINING_IMAGE_SIZE}, as the dataset configs)")
+    parser.add_argument("--min-word-count", type=positive_int, default=5,
+                        help="vocabulary: words seen fewer times are <unk>")
+    parser.add_argument("--max-caption-length", type=positive_int, default=16,
+                        help="words kept per caption in training")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="processes decoding images (0: this one)")
+    parser.add_argument("--show", type=non_negative_int, default=20,
+                        help="problems printed per kind (all go to report.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.format == "images" and args.annotations is not None:
+    annotations = args.annotations or []
+    if args.format == "images" and annotations:
         parser.error("--format images takes no --annotations (it lists the image folder)")
-    if args.format != "images" and args.annotations is None:
-        parser.error(f"--format {args.format} needs --annotations")
+    if args.format != "images" and len(annotations) != len(args.images):
+        parser.error(f"--format {args.format} needs one --annotations per --images, got {len(annotations)} and "
+                     f"{len(args.images)}")
     if args.split and args.format not in ("karpathy", "folder"):
         parser.error("--split applies to --format karpathy and folder (a COCO file is one split)")
-    if args.image_cache and args.output is None:
-        parser.error("--image-cache needs --output (the cache is written under it)")
-    for name in ("image_size", "min_word_count", "max_caption_length"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.workers < 0 or args.show < 0:
-        parser.error("--workers and --show cannot be negative")
+    if args.check_only and args.image_cache is not None:
+        parser.error("--check-only writes nothing, so it cannot write --image-cache: drop one of them")
     return args
 
 
 def load_dataset(args: argparse.Namespace) -> list[CaptionedImage]:
-    """The dataset's images and captions, or ``InputError`` naming the file that cannot be read."""
-    if not args.images.is_dir():
-        raise InputError(f"image folder {args.images} does not exist or is not a folder")
-    source = args.annotations or args.images
+    """The images and captions of every (annotations, images) part, or ``InputError`` naming the file."""
+    pairs = zip(args.annotations, args.images) if args.annotations else ((None, images) for images in args.images)
+    return [image for annotations, images in pairs for image in _load_part(args, annotations, images)]
+
+
+def _load_part(args: argparse.Namespace, annotations: Path | None, images: Path) -> list[CaptionedImage]:
+    if not images.is_dir():
+        raise InputError(f"image folder {images} does not exist or is not a folder")
+    source = annotations or images
     try:
-        return load_annotations(args.format, args.annotations, args.images, args.split)
+        return load_annotations(args.format, annotations, images, args.split)
     except UnicodeDecodeError as error:
         raise InputError(f"{source} is not UTF-8 text: {error}") from None
     except (FileNotFoundError, ValueError) as error:
         raise InputError(f"{source}: {error}" if str(source) not in str(error) else str(error)) from None
 
 
-def build_report(args: argparse.Namespace, images: list[CaptionedImage], writing: bool) -> DatasetReport:
+def build_report(args: argparse.Namespace, images: list[CaptionedImage]) -> DatasetReport:
     """Check captions and images (decoding through the cache when one is written) into a report."""
     progress = not args.no_progress
     findings, tokens = check_captions(images, expect_captions=args.format != "images")
     report = DatasetReport(
-        dataset={"format": args.format, "annotations": str(args.annotations) if args.annotations else None,
-                 "images": str(args.images), "splits": args.split},
+        dataset={"format": args.format, "annotations": [str(a) for a in args.annotations or []] or None,
+                 "images": [str(i) for i in args.images], "splits": args.split},
         images=len(images), captions=len(tokens), findings=findings)
-    if writing and args.image_cache:
+    if args.image_cache is not None:
         unique = list(_first_of_each_id(images).values())
-        cache = write_image_cache(unique, args.output / CACHE_DIR, args.image_size, progress=progress,
-                                  workers=args.workers)
+        cache = write_image_cache(unique, args.image_cache, args.image_size, progress=progress, workers=args.workers)
         bad, report.conversions = findings_from_cache(cache, unique)
-        report.image_cache = {"directory": str(cache.directory.relative_to(args.output)), "key": cache.key,
+        report.image_cache = {"directory": str(cache.directory.absolute()), "key": cache.key,
                               "image_size": cache.image_size, "cached": cache.cached, "bad": len(cache.bad)}
     else:
         bad, report.conversions = check_images(images, progress, args.workers)
@@ -296,7 +333,7 @@ def build_report(args: argparse.Namespace, images: list[CaptionedImage], writing
 def print_report(console: Console, report: DatasetReport, show: int, full_listing: bool) -> None:
     """A summary table, then the first ``show`` findings of each kind with their files."""
     counts = report.counts()
-    source = report.dataset["annotations"] or report.dataset["images"]
+    source = ", ".join(report.dataset["annotations"] or report.dataset["images"])
     table = Table(title=f"{report.dataset['format']} dataset: {source}")
     table.add_column("check")
     table.add_column("count", justify="right")
@@ -341,9 +378,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    write_text(path, text)
     return True
 
 
@@ -377,10 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_only and args.output is not None:
         log.info("--check-only: nothing is written to %s", args.output)
     try:
-        images = load_dataset(args)
         if writing:
-            args.output.mkdir(parents=True, exist_ok=True)
-        report = build_report(args, images, writing)
+            check_writable(args.output, "--output", folder=True)
+        if args.image_cache is not None:
+            check_writable(args.image_cache, "--image-cache", folder=True)
+        images = load_dataset(args)
+        report = build_report(args, images)
     except (InputError, OSError) as error:
         errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         return 2

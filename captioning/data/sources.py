@@ -19,7 +19,7 @@ import torch
 
 from captioning.data.datasets import CaptionedImage
 from captioning.data.features import FeatureCache, FeatureEncoder, write_feature_cache
-from captioning.data.image_cache import ImageCache, write_image_cache
+from captioning.data.image_cache import ImageCache, MissingImageCacheError, write_image_cache
 from captioning.data.images import BadImage, open_rgb, probe_image
 from captioning.data.precomputed import PrecomputedCache, probe_feature_files, write_precomputed_cache
 from captioning.data.transforms import build_image_transform
@@ -82,8 +82,11 @@ class CachedPixels:
         probe_image(image.path)
 
     def prepare(self, images: Sequence[CaptionedImage], device: torch.device) -> Mapping[int, BadImage]:
-        write_image_cache(images, self.directory, self.image_size, progress=True, workers=self.workers)
-        self.cache = ImageCache.open(self.directory, self.image_size, images)
+        try:  # a complete cache of these images or of more (``prepare --image-cache`` of every split at once)
+            self.cache = ImageCache.open(self.directory, self.image_size, images)
+        except MissingImageCacheError:
+            write_image_cache(images, self.directory, self.image_size, progress=True, workers=self.workers)
+            self.cache = ImageCache.open(self.directory, self.image_size, images)
         return self.cache.bad
 
     def __call__(self, image: CaptionedImage) -> torch.Tensor:

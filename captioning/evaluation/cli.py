@@ -1,7 +1,9 @@
 """Score an official COCO results file against COCO caption annotations.
 
-    python -m captioning.evaluation RESULTS.json --annotations captions_val2017.json \
+    captioning evaluate RESULTS.json --annotations captions_val2017.json \
         [--output METRICS.json] [--per-image PER_IMAGE.json] [--leave-one-out]
+
+(``python -m captioning.evaluation`` runs the same.)
 
 Results are ``[{"image_id": int, "caption": str}, ...]`` with one caption per image; every image
 id must be in the annotations. Only the images in the results are scored (as ``COCOEvalCap`` does).
@@ -11,7 +13,8 @@ scored against the image's other references, and the model's caption against exa
 references (``CocoCaptionEvaluator.leave_one_out``); ``--output`` then also holds
 ``human_loo/<metric>`` and ``model_loo/<metric>``. Compare the human numbers with the model's
 leave-one-out numbers, not with its ordinary scores: those use one reference more.
-Exit status: 0 scored, 2 bad input (the message names the file and the entry).
+Exit status: 0 scored, 2 bad input (the message names the file and the entry) or an output that
+cannot be written (found before scoring).
 """
 
 import argparse
@@ -24,7 +27,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from captioning.data.datasets import load_coco_references, read_json_file
-from captioning.data.files import write_json
+from captioning.cli_args import EXIT_STATUS_HELP
+from captioning.data.files import check_writable, write_json
 from captioning.errors import InputError
 from captioning.evaluation.coco import CocoCaptionEvaluator
 
@@ -54,13 +58,15 @@ def load_results(path: Path) -> dict[int, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m captioning.evaluation",
+    parser = argparse.ArgumentParser(prog="captioning evaluate",
                                      description="Score a COCO results file (BLEU, METEOR, ROUGE_L, CIDEr, "
-                                                 "SPICE where it can run) against caption annotations.")
+                                                 "SPICE where it can run) against caption annotations.",
+                                     epilog=EXIT_STATUS_HELP)
     parser.add_argument("results", type=Path, help='[{"image_id": int, "caption": str}, ...]')
     parser.add_argument("--annotations", type=Path, required=True, help="COCO captions_*.json")
-    parser.add_argument("--output", type=Path, help="write the metrics here as JSON")
-    parser.add_argument("--per-image", type=Path, help="write every image's scores here as JSON")
+    parser.add_argument("--output", type=Path, help="write the metrics here as JSON (checked before scoring; "
+                                                    "replaced whole, never left half-written)")
+    parser.add_argument("--per-image", type=Path, help="write every image's scores here as JSON (as --output)")
     parser.add_argument("--no-spice", action="store_true", help="do not run SPICE even where it could run")
     parser.add_argument("--leave-one-out", action="store_true",
                         help="also score humans against the model fairly: in rounds 1..5 each image's i-th "
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
     try:
+        for flag, path in (("--output", args.output), ("--per-image", args.per_image)):
+            if path is not None:
+                check_writable(path, flag)
         captions = load_results(args.results)
         references = load_coco_references(args.annotations)
         unknown = sorted(set(captions) - set(references))

@@ -37,11 +37,11 @@ from captioning.checkpoints import check_finite, describe, load_checkpoint, netw
 from captioning.cli_args import EXIT_STATUS_HELP, non_negative_float, positive_int
 from captioning.data.datasets import IMAGE_EXTENSIONS
 from captioning.data.files import check_writable, write_text, writing_alone
-from captioning.data.images import BadImageError, open_rgb
+from captioning.data.images import BadImageError, ImageInput, load_image, open_rgb
 from captioning.data.tokenize import detokenize
 from captioning.data.transforms import build_image_transform
 from captioning.data.vocab import Vocabulary
-from captioning.decoding import GenerationSettings, generate
+from captioning.decoding import DecodedCaptions, GenerationSettings, generate
 from captioning.models.encoder_decoder import EncoderDecoder, build_encoder_decoder, target_of
 from captioning.models.encoders import PrecomputedEncoder
 
@@ -61,6 +61,24 @@ class CaptionResult:
     attention: np.ndarray | None = None
     n_best: list[tuple[str, float]] = field(default_factory=list)
 
+    @classmethod
+    def from_decoded(cls, decoded: DecodedCaptions, vocab: Vocabulary, names: Sequence[str], per_image: int
+                     ) -> list["CaptionResult"]:
+        """One result per image of ``generate``'s output (``per_image`` rows each, image-major, best first)."""
+        results = []
+        for image, name in enumerate(names):
+            rows = range(image * per_image, (image + 1) * per_image)
+            n_best = [(detokenize(vocab.decode(decoded.tokens[row].tolist())), float(decoded.log_probs[row]))
+                      for row in rows]
+            words = vocab.decode(decoded.tokens[rows[0]].tolist())
+            attention = None
+            if decoded.attention is not None:
+                weights = decoded.attention[rows[0], :len(words)].float().cpu().numpy()  # (words, num_pixels)
+                grid = math.isqrt(weights.shape[1])
+                attention = weights.reshape(len(words), grid, grid)
+            results.append(cls(name, n_best[0][0], n_best[0][1], words, attention, n_best))
+        return results
+
     def as_dict(self, with_n_best: bool = False) -> dict:
         result: dict = {"file": self.file, "caption": self.caption, "log_prob": self.log_prob}
         if with_n_best:
@@ -77,7 +95,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Captioner:
-    """A trained model with its vocabulary, input size and decoding settings, ready to caption image files."""
+    """A trained model with its vocabulary, input size and decoding settings, ready to caption images.
+
+    ``caption`` takes files and images in memory, mixed: a path (``str`` or ``Path``), an image
+    file's bytes (an upload), a PIL image, a numpy array ((H, W, 3) RGB or (H, W) grayscale, uint8)
+    or a torch tensor ((3, H, W) or (1, H, W): uint8 in 0..255, or floating point in [0, 1] as
+    ``ToTensor`` gives, rounded to 8 bits like a file's pixels). Every image is turned upright by
+    its EXIF orientation (files, bytes and PIL images that still carry it), made RGB and resized
+    exactly as in training, so a file and the same pixels in memory get the same caption.
+    """
 
     def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int,
                  generation: GenerationSettings | None = None, device: str | torch.device = "cpu") -> None:
@@ -114,8 +140,18 @@ class Captioner:
         model.load_state_dict(network_state(checkpoint))
         return cls(model, vocab, settings.get("image_size") or 224, generation, resolve_device(device))
 
-    def caption(self, images: Sequence[str | Path], batch_size: int = 16) -> list[CaptionResult]:
-        """Captions for image files, in order; a bad file raises ``BadImageError``."""
+    def caption(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[CaptionResult]:
+        """Captions in input order; ``file`` is each path, or ``<image i>`` (its position) for an image in memory.
+
+        An image that cannot be used raises ``BadImageError`` naming it and why; a value of another
+        type raises ``TypeError`` naming its position, before any image is captioned.
+        """
+        if isinstance(images, ImageInput):
+            raise TypeError("Captioner.caption takes a list of images; for one image, pass [image]")
+        for index, item in enumerate(images):
+            if not isinstance(item, ImageInput):
+                raise TypeError(f"image {index} is a {type(item).__module__}.{type(item).__qualname__}; give file "
+                                "paths, image files' bytes, PIL images, numpy arrays or torch tensors")
         results = []
         for result in self.caption_files(images, batch_size):
             if isinstance(result, BadImageError):
@@ -123,46 +159,35 @@ class Captioner:
             results.append(result)
         return results
 
-    def caption_files(self, paths: Sequence[str | Path], batch_size: int = 16, progress: bool = False
+    def caption_files(self, paths: Sequence[ImageInput], batch_size: int = 16, progress: bool = False
                       ) -> Iterator[CaptionResult | BadImageError]:
-        """One result per path, in order: a caption, or the error that kept the file from being read."""
+        """One result per image (``caption``'s inputs), in order: a caption, or the error that kept it from
+        being read."""
         batches = range(0, len(paths), batch_size)
         if progress:
             batches = track(batches, description="captioning", total=len(batches), transient=True)
         for start in batches:
-            loaded: list[tuple[int, torch.Tensor]] = []
+            loaded: list[tuple[int, str, torch.Tensor]] = []
             outcomes: list[CaptionResult | BadImageError | None] = []
-            for path in paths[start:start + batch_size]:
+            for index, item in enumerate(paths[start:start + batch_size], start=start):
+                name = str(item) if isinstance(item, (str, Path)) else f"<image {index}>"
                 try:
-                    loaded.append((len(outcomes), self.transform(open_rgb(path)[0])))
+                    loaded.append((len(outcomes), name, self.transform(load_image(item, name))))
                     outcomes.append(None)
                 except BadImageError as error:
                     outcomes.append(error)
             if loaded:
-                rows = [row for row, _ in loaded]
-                batch_paths = [str(paths[start + row]) for row in rows]
-                for row, result in zip(rows, self._caption_tensors(torch.stack([t for _, t in loaded]), batch_paths)):
+                pixels = torch.stack([tensor for _, _, tensor in loaded])  # (images, 3, s, s)
+                for (row, _, _), result in zip(loaded, self._caption_tensors(pixels, [n for _, n, _ in loaded])):
                     outcomes[row] = result
             yield from outcomes
 
     @torch.no_grad()
     def _caption_tensors(self, images: torch.Tensor, names: list[str]) -> list[CaptionResult]:
+        """(images, 3, s, s) pixels in [0, 1] -> their captions, decoded as validation decodes."""
         features = self.model.encode(images.to(self.device))
-        vocab, per_image = self.vocab, self.generation.n_best
-        decoded = generate(self.model.decoder, features, vocab, self.generation)
-        results = []
-        for image, name in enumerate(names):
-            rows = range(image * per_image, (image + 1) * per_image)  # image-major, best first
-            n_best = [(detokenize(vocab.decode(decoded.tokens[row].tolist())), float(decoded.log_probs[row]))
-                      for row in rows]
-            words = vocab.decode(decoded.tokens[rows[0]].tolist())
-            attention = None
-            if decoded.attention is not None:
-                weights = decoded.attention[rows[0], :len(words)].float().cpu().numpy()  # (words, num_pixels)
-                grid = math.isqrt(weights.shape[1])
-                attention = weights.reshape(len(words), grid, grid)
-            results.append(CaptionResult(name, n_best[0][0], n_best[0][1], words, attention, n_best))
-        return results
+        decoded = generate(self.model.decoder, features, self.vocab, self.generation)
+        return CaptionResult.from_decoded(decoded, self.vocab, names, self.generation.n_best)
 
 
 def _generation_settings(hparams: Mapping[str, Any], n_best: int | None, **overrides: Any) -> GenerationSettings:

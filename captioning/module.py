@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from captioning.caption import CaptionResult
 from captioning.checkpoints import check_finite, describe, load_checkpoint
 from captioning.config import CheckpointMismatchError
 from captioning.data.batch import CaptionBatch
@@ -189,6 +190,27 @@ class CaptioningLitModule(pl.LightningModule):
             keep = self.hparams.logged_samples
             images = batch.images[:keep].cpu() if batch.images is not None else [None] * keep  # features: text only
             self._samples = list(zip(batch.image_ids[:keep].tolist(), images))
+
+    def predict_step(self, batch: CaptionBatch | torch.Tensor | None, batch_idx: int) -> list[CaptionResult]:
+        """Captions for ``trainer.predict(model, loader)``, decoded as validation decodes (``generation``).
+
+        ``batch``: a ``CaptionBatch`` (this project's data loaders; results are named by image id,
+        ``file`` "<image id 42>") or a (batch, 3, s, s) tensor of pixels in [0, 1] at the trained
+        ``image_size``, as ``build_image_transform`` makes them (named "<batch 3 image 0>").
+        """
+        if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
+            return []
+        if isinstance(batch, CaptionBatch):
+            features = self.encode_batch(batch)
+            names = [f"<image id {image_id}>" for image_id in batch.image_ids.tolist()]
+        elif isinstance(batch, torch.Tensor) and batch.dim() == 4:
+            features = self.net.encode(batch)
+            names = [f"<batch {batch_idx} image {row}>" for row in range(batch.shape[0])]
+        else:
+            raise TypeError(f"predict_step takes a CaptionBatch or a (batch, 3, H, W) tensor of pixels, got "
+                            f"{type(batch).__name__}{'' if not isinstance(batch, torch.Tensor) else tuple(batch.shape)}")
+        decoded = generate(self.net.decoder, features, self.vocab, self.generation)
+        return CaptionResult.from_decoded(decoded, self.vocab, names, self.generation.n_best)
 
     def _record_losses(self, batch: CaptionBatch, features: PreparedImages) -> None:
         """Each image's summed reference NLL and word count, kept by image id (a DDP sampler's

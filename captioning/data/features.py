@@ -7,8 +7,8 @@ float32) rows of ``.npy`` shards. Training then reads features instead of pixels
 
 The key covers everything that fixes the features: the encoder's identity (backbone, grid size,
 input normalisation and the sha256 of every weight and buffer, from ``cache_identity()``), the
-image size, the resize and the libraries that do it, the stored dtype and every image's id,
-path, size and mtime. Any change gives a new folder.
+image size, its EXIF orientation, the resize and the libraries that do it, the stored dtype and
+every image's id, path, size and mtime. Any change gives a new folder.
 
 The cache is written and read by ``captioning.data.cache`` (shards, index, bad list, manifest
 written last, staging that survives an interruption, the lock); this module says how a batch of

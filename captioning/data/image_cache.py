@@ -2,7 +2,7 @@
 
 Decoding a JPEG costs far more than reading the same pixels from a memory-mapped array, and the
 resize is deterministic, so ``write_image_cache`` stores exactly what the training transform would
-compute: ``open_rgb`` (every mode made RGB), then ``Resize((s, s), antialias=True)`` on the PIL
+compute: ``open_rgb`` (upright by the EXIF orientation, every mode made RGB), then ``Resize((s, s), antialias=True)`` on the PIL
 image, as uint8 rows of ``.npy`` shards. ``ImageCache.tensor`` then applies ``ToTensor``'s own
 steps, so a cached image is bit-identical to ``build_image_transform(s)(open_rgb(path)[0])``.
 
@@ -10,8 +10,8 @@ The cache is written and read by ``captioning.data.cache`` (shards, index, bad l
 written last, staging that survives an interruption, the lock); this module says how one image
 becomes its row (decoded and resized in worker processes) and adds two files::
 
-    {s}px-{hash}/             one complete cache per key (image size, resize method, library
-                              versions and every image's id, path, file size and mtime)
+    {s}px-{hash}/             one complete cache per key (orientation, image size, resize method,
+                              library versions and every image's id, path, file size and mtime)
         shard-00000.npy ...   uint8 (rows, s, s, 3)
         conversions.json      {image_id: "L->RGB", ...} (images that were not RGB)
         images.json           the key's image list, to open the cache for a subset of its images
@@ -48,7 +48,7 @@ from captioning.data.cache import (
 )
 from captioning.data.datasets import CaptionedImage
 from captioning.data.files import MANIFEST_NAME
-from captioning.data.images import BadImage, open_rgb
+from captioning.data.images import ORIENTATION, BadImage, open_rgb
 
 FORMAT_VERSION = 1
 # The key names the resize and the library versions: Pillow does the resampling (torchvision's
@@ -84,9 +84,13 @@ class ImageCacheReport:
 
 
 def transform_parameters(image_size: int) -> dict[str, Any]:
-    """What fixes an image's resized pixels: its size, the resize and the libraries that do it."""
-    return {"image_size": image_size, "resize": RESIZE_METHOD, "pillow": PIL.__version__,
-            "torchvision": torchvision.__version__}
+    """What fixes an image's resized pixels: its orientation, its size, the resize and the libraries that do it.
+
+    Both caches' keys hold these, so caches written before EXIF orientation was applied (their
+    keys lack ``orientation``) are never read for upright pixels.
+    """
+    return {"image_size": image_size, "orientation": ORIENTATION, "resize": RESIZE_METHOD,
+            "pillow": PIL.__version__, "torchvision": torchvision.__version__}
 
 
 def _cache_key(images: Sequence[CaptionedImage], image_size: int) -> CacheKey:

@@ -53,12 +53,14 @@ def main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` (a validation metric, e.g. val/best_CIDEr) for hyperparameter sweepers."""
     from captioning.checkpoints import CheckpointError
     from captioning.config import ConfigError
+    from captioning.errors import InputError
 
     try:
         metrics = run(cfg)
     # a setting's fault (a checkpoint that does not fit it or cannot be read, a learning rate that made
-    # training diverge: NonFiniteTrainingError): say which
-    except (ConfigError, CheckpointError) as error:
+    # training diverge: NonFiniteTrainingError) or the data's (an annotation error, images that cannot be
+    # used, a path escaping its dataset folder: InputError): say which
+    except (ConfigError, CheckpointError, InputError) as error:
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)  # paths stay whole
         sys.exit(2)
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # only a sweeper reads it; train=false validates nothing

@@ -5,6 +5,7 @@ import http.server
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,8 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from captioning.callbacks import NonFiniteGuard, NonFiniteTrainingError
 from captioning.caption import Captioner, main as caption_main
 from captioning.checkpoints import CheckpointError, CheckpointNotFoundError, load_checkpoint
-from captioning.data.files import write_json
-from tests.conftest import PROJECT_ROOT
+from captioning.data.datasets import AnnotationError, load_annotations, load_image_folder, load_karpathy_split
+from captioning.data.files import locked, write_json
+from captioning.data.images import BadImageError, open_rgb, probe_image
+from captioning.data.shapes import ensure_shapes_dataset, verify_shapes_dataset
+from tests.conftest import PROJECT_ROOT, TINY_SHAPES
 from tests.test_train import QUICK, TINY_OVERRIDES, TINY_SHAPES_OVERRIDES, _config
 import train
 
@@ -390,3 +394,235 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Pat
 def test_a_missing_checkpoint_stays_a_file_not_found_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError):
         load_checkpoint(tmp_path / "nope.ckpt")
+
+
+# ---- dataset files: image paths stay inside their folder, every row lands in a split ----
+
+ESCAPES = {  # a path an annotation gives -> what the error says about it
+    "../../../../etc/passwd": "leads out of it",
+    "sub/../../outside.png": "leads out of it",
+    "/etc/passwd": "is absolute",
+    "": "names no file",
+    "a\0b.png": "holds a NUL character",
+}
+
+
+def _annotation_file(folder: Path, format: str, file_name: str, split: str = "train") -> Path:
+    """A one-image annotation file of ``format`` naming ``file_name`` (Karpathy: as ``filename``)."""
+    if format == "coco":
+        path = folder / "captions.json"
+        write_json(path, {"images": [{"id": 1, "file_name": file_name}],
+                          "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"}]})
+    elif format == "karpathy":
+        path = folder / "dataset.json"
+        write_json(path, {"images": [{"imgid": 0, "split": "train", "filename": "ok.png",
+                                      "sentences": [{"raw": "a red square"}]},
+                                     {"imgid": 1, "split": split, "filename": file_name,
+                                      "sentences": [{"raw": "a blue circle"}]}]})
+    else:
+        path = folder / "captions.jsonl"
+        rows = [{"file": "ok.png", "caption": "a red square", "split": "train"},
+                {"file": file_name, "caption": "a blue circle", "split": split}]
+        path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("format", ["coco", "karpathy", "folder"])
+@pytest.mark.parametrize("file_name", sorted(ESCAPES))
+def test_an_image_path_leaving_its_folder_is_an_annotation_error(tmp_path: Path, format: str, file_name: str) -> None:
+    annotations = _annotation_file(tmp_path, format, file_name)
+    field = {"coco": "file_name of images[0]", "karpathy": "filepath/filename of images[1]",
+             "folder": "file of line 2"}[format]
+    with pytest.raises(AnnotationError) as error:
+        load_annotations(format, annotations, tmp_path / "images", known_splits=["train", "val", "test"])
+    message = str(error.value)
+    assert message.startswith(f"{annotations}: {field} ({file_name!r}) {ESCAPES[file_name]}")
+    assert f"inside the image folder {tmp_path / 'images'}" in message
+
+
+def test_a_karpathy_filepath_leaving_the_root_is_named(tmp_path: Path) -> None:
+    annotations = tmp_path / "dataset.json"
+    write_json(annotations, {"images": [{"cocoid": 7, "split": "test", "filepath": "../../secret", "filename": "a.jpg",
+                                         "sentences": [{"raw": "a cat"}]}]})
+    with pytest.raises(AnnotationError, match=r"filepath/filename of images\[0\] \('../../secret/a.jpg'\) leads out"):
+        load_karpathy_split(annotations, tmp_path, ["train"])  # checked in every split, not only the ones read
+
+
+def test_paths_that_stay_inside_and_links_the_dataset_owner_placed_are_accepted(tmp_path: Path) -> None:
+    """Only the annotation's text is checked: ``..`` that stays inside is fine, and so is a link in the folder
+    to another disk (whoever can write the folder chose it; images linked from elsewhere are common)."""
+    from PIL import Image
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "image.png")
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "linked.png").symlink_to(outside / "image.png")
+    table = tmp_path / "captions.jsonl"
+    table.write_text("\n".join(json.dumps({"file": name, "caption": "a cat", "split": "train"})
+                               for name in ("sub/../linked.png", "linked.png")))
+    loaded = load_annotations("folder", table, images, ["train"], known_splits=["train"])
+    assert [image.path for image in loaded] == [images / "linked.png", images / "sub/../linked.png"]
+    for image in loaded:
+        probe_image(image.path)
+
+
+@pytest.mark.parametrize("split", ["tarin", "Train", "validation", ""])
+def test_a_karpathy_image_in_an_unknown_split_is_named_not_dropped(tmp_path: Path, split: str) -> None:
+    annotations = _annotation_file(tmp_path, "karpathy", "b.png", split=split)
+    expected = (rf"{annotations}: images\[1\] has split {split!r}, which is not a Karpathy split; "
+                r"the splits are \['train', 'restval', 'val', 'test'\]")
+    for splits in (None, ["train"], ["test"]):
+        with pytest.raises(AnnotationError, match=expected):
+            load_karpathy_split(annotations, tmp_path, splits)
+
+
+# ---- files that are no regular file: named, never opened (a FIFO would block the reader forever) ----
+
+def _fifo(folder: Path) -> Path:
+    path = folder / "pipe.png"
+    os.mkfifo(path)
+    return path
+
+
+def _folder(folder: Path) -> Path:
+    path = folder / "folder.jpg"
+    path.mkdir()
+    return path
+
+
+def _device(folder: Path) -> Path:
+    path = folder / "null.png"
+    path.symlink_to("/dev/null")  # a link is followed: what counts is what it points to
+    return path
+
+
+def _broken_link(folder: Path) -> Path:
+    path = folder / "gone.png"
+    path.symlink_to(folder / "nothing-here.png")
+    return path
+
+
+NOT_FILES = {"fifo": (_fifo, "unreadable", "a FIFO (named pipe), not a regular file"),
+             "folder": (_folder, "unreadable", "a folder, not a regular file"),
+             "device": (_device, "unreadable", "a device, not a regular file"),
+             "broken_link": (_broken_link, "missing", "file not found")}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+@pytest.mark.parametrize("reader", [probe_image, open_rgb])
+def test_what_is_no_regular_file_is_named_and_never_opened(tmp_path: Path, kind: str,
+                                                           reader: Callable[[Path], object]) -> None:
+    make, reason, detail = NOT_FILES[kind]
+    path = make(tmp_path)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader(path)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=read, daemon=True)  # a reader blocked on a FIFO must not hang the suite
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), f"reading {path} blocked"
+    assert len(outcome) == 1 and isinstance(outcome[0], BadImageError), outcome
+    assert (outcome[0].path, outcome[0].reason) == (path, reason)
+    assert detail in str(outcome[0]) and str(outcome[0]).startswith(str(path))
+
+
+def test_an_image_folder_leaves_out_what_is_no_regular_file_with_a_warning(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    image = _an_image(tmp_path)
+    for make, _, _ in NOT_FILES.values():
+        make(tmp_path)
+    with caplog.at_level("WARNING"):
+        loaded = load_image_folder(tmp_path)
+    assert [entry.path for entry in loaded] == [image]
+    assert "skipped 4 entries" in caplog.text and "pipe.png" in caplog.text and "folder.jpg" in caplog.text
+
+
+# ---- train.py on a folder dataset with hostile rows: exit 2 naming the culprit, or a counted skip ----
+
+def _folder_dataset(folder: Path, hostile: dict[str, str] | None = None, extra: Callable[[Path], Path] | None = None
+                    ) -> list[str]:
+    """A small folder dataset (8 images, a few per split) plus one ``hostile`` row and/or an ``extra`` file
+    in the images folder (its own row, in train); the overrides that train on it for one quick step."""
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for index, split in enumerate(["train"] * 4 + ["val"] * 2 + ["test"] * 2):
+        Image.new("RGB", (64, 64), (30 * index, 100, 200 - 20 * index)).save(images / f"{index}.png")
+        rows += [{"file": f"{index}.png", "caption": caption, "split": split}
+                 for caption in ("a red square", "a blue circle on the left")]
+    if extra is not None:
+        rows.append({"file": extra(images).name, "caption": "a green triangle", "split": "train"})
+    if hostile is not None:
+        rows.append(hostile)
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return ["data=folder", f"paths.data_dir={folder}", "data.image_size=64", "data.num_workers=0",
+            "data.batch_size=4", "data.min_word_count=1", "trainer.accelerator=cpu", *QUICK,
+            "model.decoder.embed_dim=16", "model.decoder.hidden_size=32", "logger=csv", "test=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("hostile", "expected"), [
+    ({"file": "../../../../etc/passwd", "caption": "a cat", "split": "train"},
+     "captions.jsonl: file of line 17 ('../../../../etc/passwd') leads out of it"),
+    ({"file": "/etc/passwd", "caption": "a cat", "split": "train"}, "captions.jsonl: file of line 17 ('/etc/passwd') is absolute"),
+    ({"file": "0.png", "caption": "a cat", "split": "tarin"},
+     "captions.jsonl: line 17 puts 0.png in split 'tarin', which no split of this run uses"),
+])
+def test_train_py_names_a_hostile_row_before_training(tmp_path: Path, hostile: dict[str, str], expected: str) -> None:
+    run_dir = tmp_path / "run"
+    completed = _train_py(*_folder_dataset(tmp_path / "data", hostile=hostile), f"hydra.run.dir={run_dir}",
+                          f"paths.cache_dir={tmp_path / 'cache'}", timeout=300)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    assert expected in _one_line(completed.stderr)
+    assert not list(run_dir.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_train_py_names_a_fifo_in_a_folder_dataset_or_skips_it_counted(tmp_path: Path) -> None:
+    overrides = _folder_dataset(tmp_path / "data", extra=_fifo)
+    stopped = _train_py(*overrides, f"hydra.run.dir={tmp_path / 'error'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                        timeout=300)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    message = _one_line(stopped.stderr)
+    assert "1 train images cannot be used" in message and "pipe.png: a FIFO (named pipe), not a regular file" in message
+    skipped = _train_py(*overrides, "data.on_bad_image=skip", f"hydra.run.dir={tmp_path / 'skip'}",
+                        f"paths.cache_dir={tmp_path / 'cache'}", timeout=300)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "train: skipped 1 of 5 images that cannot be used" in skipped.stdout + skipped.stderr
+    assert (tmp_path / "skip" / "checkpoints" / "last.ckpt").is_file()
+
+
+# ---- what an interrupted generation left is cleaned on the next run, never a live writer's ----
+
+def test_a_killed_shapes_generation_leaves_nothing_behind_the_next_run(tmp_path: Path, tiny_shapes: Path) -> None:
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, root)
+    leftovers = [tmp_path / ".shapes.tmp-k1ll3d", tmp_path / ".shapes.stale-k1ll3d" / "shapes"]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
+        (leftover / "000001.png").write_bytes(b"half")
+    unrelated = tmp_path / ".other.tmp-k1ll3d"
+    unrelated.mkdir()
+    lock = tmp_path / ".shapes.lock"
+    done = threading.Event()
+    with locked(lock):  # a live writer holds the lock: its staging folder must stay
+        thread = threading.Thread(target=lambda: (ensure_shapes_dataset(root, TINY_SHAPES), done.set()), daemon=True)
+        thread.start()
+        assert not done.wait(timeout=1.0)
+        assert all(leftover.exists() for leftover in leftovers)
+    thread.join(timeout=60)
+    assert done.is_set()
+    assert not any(tmp_path.glob(".shapes.tmp-*")) and not any(tmp_path.glob(".shapes.stale-*"))
+    assert unrelated.is_dir()  # another dataset's folder is not this generator's to remove
+    assert verify_shapes_dataset(root, TINY_SHAPES)

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from captioning.data.datasets import CaptionedImage
-from captioning.data.files import MANIFEST_NAME, locked, read_json_or_none, replace_directory, sha256_file, write_json
+from captioning.data.files import (MANIFEST_NAME, locked, read_json_or_none, remove_leftovers, replace_directory,
+                                  sha256_file, write_json)
 from captioning.data.images import BadImage, BadImageError
 from captioning.progress import progress_bar
 
@@ -254,8 +255,10 @@ def _write(source: RowSource, key: CacheKey, target: Path, shard_size: int, prog
 def _claim_staging(target: Path, record: dict[str, Any]) -> Path:
     """A new staging folder of this writer's own, holding what an interrupted write of the same key left.
 
-    Leftovers of another key or shard size are discarded; with the lock held, no writer owns them.
+    Leftovers of another key or shard size are discarded; with the lock held, no writer owns them. So
+    is what a writer killed while swapping its cache into place left (``replace_directory``'s stale copy).
     """
+    remove_leftovers(target.parent, [f".{target.name}.stale-*"])
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     claimed = False
     for leftover in sorted(target.parent.glob(f".{target.name}.*partial")):

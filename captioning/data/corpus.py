@@ -7,12 +7,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from captioning.data.datasets import FORMATS, SPLITS, CaptionedImage, load_annotations
+from captioning.data.datasets import FORMATS, SPLITS, CaptionedImage, MissingInputError, load_annotations
 from captioning.data.images import BadImage, BadImageError, probe_image
 from captioning.data.shapes import ShapesConfig, ensure_shapes_dataset
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import Vocabulary
-from captioning.errors import check_choice
+from captioning.errors import InputError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class CaptionCorpus:
         if not errors:
             return
         if self.on_bad_image == "error":
-            raise ValueError(f"{len(errors)} images failed when {doing}: {_listed(errors)}. Fix or remove them, or "
+            raise InputError(f"{len(errors)} images failed when {doing}: {_listed(errors)}. Fix or remove them, or "
                              "set data.on_bad_image=skip to train on the rest")
         log.warning("%d images failed when %s and will be skipped, e.g. %s", len(errors), doing, errors[0])
 
@@ -186,12 +186,12 @@ class CaptionCorpus:
                 unusable.add(image.image_id)
         if bad and len(bad) == len(captioned) and all(error.reason == "missing" for error in bad):
             if bad[0].path == Path(captioned[0].path):
-                raise FileNotFoundError(f"none of the {len(bad)} {split} images exists, e.g. {bad[0].path}: check "
+                raise MissingInputError(f"none of the {len(bad)} {split} images exists, e.g. {bad[0].path}: check "
                                         f"data.root ({self.root}) and data.splits.{split}.images")
-            raise FileNotFoundError(f"none of the {len(bad)} {split} images has its file, e.g. {bad[0]}: check "
+            raise MissingInputError(f"none of the {len(bad)} {split} images has its file, e.g. {bad[0]}: check "
                                     f"{bad[0].path.parent}")
         if bad and self.on_bad_image == "error":
-            raise ValueError(f"{len(bad)} {split} images cannot be used: {_listed(bad)}. Fix or remove them, or set "
+            raise InputError(f"{len(bad)} {split} images cannot be used: {_listed(bad)}. Fix or remove them, or set "
                              "data.on_bad_image=skip to train on the rest")
         for error in bad[:MAX_LISTED]:
             log.warning("skipped %s image %s", split, error)
@@ -200,7 +200,7 @@ class CaptionCorpus:
                         f" (the first {MAX_LISTED} named above)" if len(bad) > MAX_LISTED else "")
         usable = [image for image in captioned if image.image_id not in unusable]
         if not usable:
-            raise ValueError(f"the {split} split has no usable captioned image (root {self.root}, "
+            raise InputError(f"the {split} split has no usable captioned image (root {self.root}, "
                              f"{self.splits[split]})")
         return usable
 

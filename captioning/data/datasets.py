@@ -27,6 +27,11 @@ class AnnotationError(InputError):
     file and the field."""
 
 
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the data settings name does not exist (a ``FileNotFoundError`` callers may catch as
+    such, and an ``InputError`` the commands report in plain words)."""
+
+
 @dataclass(frozen=True)
 class CaptionedImage:
     """One image and its reference captions (raw text, as annotated)."""
@@ -82,7 +87,7 @@ def _needs(annotations: str | os.PathLike | None, format: str) -> Path:
 def read_json_file(path: str | os.PathLike, what: str) -> Any:
     """The JSON of a file a user gave (``what`` names its role in the messages, e.g. "annotation file").
 
-    A missing file is a ``FileNotFoundError``, text that is not UTF-8 or not JSON an
+    A missing file is a ``MissingInputError`` (a ``FileNotFoundError``), text that is not UTF-8 or not JSON an
     ``AnnotationError``; both messages name the file.
     """
     path = Path(path)
@@ -90,7 +95,7 @@ def read_json_file(path: str | os.PathLike, what: str) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
+        raise MissingInputError(f"{what} {path} does not exist") from None
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{path} is not UTF-8 text: {error}") from None
     except json.JSONDecodeError as error:
@@ -115,16 +120,17 @@ def load_coco_captions(annotation_file: str | os.PathLike, image_dir: str | os.P
         raise AnnotationError(f"{annotation_file}: expected a JSON object with 'images' and 'annotations'")
     images = _require(data, "images", list, annotation_file, "the top-level object")
 
-    files: dict[int, str] = {}
+    files: dict[int, Path] = {}
     for index, image in enumerate(images):
         where = f"images[{index}]"
         image_id = _require(image, "id", int, annotation_file, where)
         if image_id in files:
             raise AnnotationError(f"{annotation_file}: {where} repeats image id {image_id}")
-        files[image_id] = _require(image, "file_name", str, annotation_file, where)
+        files[image_id] = _inside(image_dir, [_require(image, "file_name", str, annotation_file, where)],
+                                  annotation_file, where, "file_name")
 
     captions = _coco_annotations(data, annotation_file, files)
-    return [CaptionedImage(image_id, image_dir / files[image_id], tuple(captions.get(image_id, ())))
+    return [CaptionedImage(image_id, files[image_id], tuple(captions.get(image_id, ())))
             for image_id in sorted(files)]
 
 
@@ -154,7 +160,8 @@ def load_karpathy_split(dataset_file: str | os.PathLike, image_root: str | os.Pa
 
     Image ids are ``cocoid`` when present (so COCO's own ids and annotations match), else ``imgid``;
     paths are ``image_root / filepath / filename`` (Flickr files have no ``filepath``); captions are
-    the ``raw`` sentences.
+    the ``raw`` sentences. An image whose ``split`` is none of ``KARPATHY_SPLITS`` (a typo such as
+    "tarin") is an ``AnnotationError`` naming it: leaving it out would shrink a split without a word.
     """
     dataset_file, image_root = Path(dataset_file), Path(image_root)
     unknown = sorted(set(splits or ()) - set(KARPATHY_SPLITS))
@@ -166,6 +173,12 @@ def load_karpathy_split(dataset_file: str | os.PathLike, image_root: str | os.Pa
     for index, image in enumerate(images):
         where = f"images[{index}]"
         split = _require(image, "split", str, dataset_file, where)
+        if split not in KARPATHY_SPLITS:
+            raise AnnotationError(f"{dataset_file}: {where} has split {split!r}, which is not a Karpathy split; "
+                                  f"the splits are {list(KARPATHY_SPLITS)}")
+        folder = _require(image, "filepath", str, dataset_file, where) if "filepath" in image else ""
+        filename = _require(image, "filename", str, dataset_file, where)
+        path = _inside(image_root, [folder, filename], dataset_file, where, "filepath/filename")
         if splits is not None and split not in splits:
             continue
         key = "cocoid" if isinstance(image, dict) and "cocoid" in image else "imgid"
@@ -175,8 +188,6 @@ def load_karpathy_split(dataset_file: str | os.PathLike, image_root: str | os.Pa
         sentences = _require(image, "sentences", list, dataset_file, where)
         captions = tuple(_require(sentence, "raw", str, dataset_file, f"{where}.sentences[{j}]")
                          for j, sentence in enumerate(sentences))
-        folder = image.get("filepath", "")
-        path = image_root / folder / _require(image, "filename", str, dataset_file, where)
         result[image_id] = CaptionedImage(image_id, path, captions)
     return [result[image_id] for image_id in sorted(result)]
 
@@ -195,8 +206,11 @@ def load_caption_table(table_file: str | os.PathLike, image_dir: str | os.PathLi
     rows = _read_table(table_file)
     captions: dict[str, list[str]] = {}
     assigned: dict[str, str] = {}
+    paths: dict[str, Path] = {}
     for where, row in rows:
         name = _require(row, "file", str, table_file, where)
+        if name not in paths:
+            paths[name] = _inside(image_dir, [name], table_file, where, "file")
         caption = _require(row, "caption", str, table_file, where)
         captions.setdefault(name, []).append(caption)
         split = row.get("split") or None
@@ -213,7 +227,7 @@ def load_caption_table(table_file: str | os.PathLike, image_dir: str | os.PathLi
     for image_id, name in enumerate(sorted(captions), start=1):
         split = assigned.get(name) or _hashed_split(name, ratios, seed)
         if splits is None or split in splits:
-            result.append(CaptionedImage(image_id, image_dir / name, tuple(captions[name])))
+            result.append(CaptionedImage(image_id, paths[name], tuple(captions[name])))
     return result
 
 
@@ -222,7 +236,7 @@ def _read_table(table_file: Path) -> list[tuple[str, Any]]:
     try:
         text = table_file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"caption table {table_file} does not exist") from None
+        raise MissingInputError(f"caption table {table_file} does not exist") from None
     except UnicodeDecodeError as error:
         raise AnnotationError(f"{table_file} is not UTF-8 text: {error}") from None
     if table_file.suffix.lower() == ".csv":
@@ -256,12 +270,41 @@ def _hashed_split(name: str, ratios: Mapping[str, float], seed: int) -> str:
 
 
 def load_image_folder(image_dir: str | os.PathLike) -> list[CaptionedImage]:
-    """Images only (for caption generation): every image file under ``image_dir``, sorted, ids 1, 2, ..."""
+    """Images only (for caption generation): every image file under ``image_dir``, sorted, ids 1, 2, ...
+
+    Entries named like images that are no regular file (a folder, FIFO, device or broken link) are
+    left out with a warning, never opened (reading a FIFO would block forever).
+    """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} does not exist")
-    files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        raise MissingInputError(f"image folder {image_dir} does not exist")
+    named = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = [p for p in named if p.is_file()]  # follows links; False for FIFOs, devices and folders
+    others = [p for p in named if not p.is_file()]
+    if others:
+        log.warning("skipped %d entries of %s named like images that are not regular files (folders, FIFOs, "
+                    "devices, broken links): %s%s", len(others), image_dir, ", ".join(map(str, others[:5])),
+                    " ..." if len(others) > 5 else "")
     return [CaptionedImage(image_id, path, ()) for image_id, path in enumerate(files, start=1)]
+
+
+def _inside(folder: Path, parts: Sequence[str], source: Path, where: str, field: str) -> Path:
+    """``folder`` joined with the annotation's path ``parts``, refused (``AnnotationError`` naming the
+    file, entry and field) unless it names a file inside ``folder``.
+
+    The check is on the names, after resolving ``..``: an absolute path, or one climbing out
+    (``../../etc/passwd``), is an annotation error. Symbolic links are not followed here: whoever
+    owns the dataset folder placed them (a folder of images linked from another disk is common),
+    while the annotation text may come from anyone.
+    """
+    relative = os.path.join(*parts)
+    normal = os.path.normpath(relative) if relative else "."
+    if "\0" in relative or os.path.isabs(relative) or normal in (".", "..") or normal.startswith(".." + os.sep):
+        problem = ("holds a NUL character" if "\0" in relative else "is absolute" if os.path.isabs(relative)
+                   else "names no file" if normal == "." else "leads out of it")
+        raise AnnotationError(f"{source}: {field} of {where} ({relative!r}) {problem}; image paths must name "
+                              f"a file inside the image folder {folder}")
+    return folder.joinpath(*parts)
 
 
 def _require(record: Any, field: str, kind: type, source: Path, where: str) -> Any:

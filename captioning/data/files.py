@@ -10,17 +10,20 @@ unwritable output or a second writer before its work starts, not after.
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from captioning.errors import InputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 22
@@ -74,6 +77,20 @@ def writing_alone(path: Path, flag: str) -> Iterator[None]:
     except BlockingIOError:
         raise InputError(f"another process is writing {flag} {path} (it holds {lock_file}): wait for it to "
                          "finish or choose another output") from None
+
+
+def remove_leftovers(parent: Path, patterns: Sequence[str]) -> None:
+    """Delete the folders matching ``patterns`` in ``parent``: what writers killed mid-write left, logged.
+
+    Call it holding the lock those writers hold while they write (``locked``): a live writer then owns
+    none of them, and a dead one's lock was released with its process, so what matches was left by a
+    writer that died. (Where flock does not hold, on some network file systems, a live writer's folder
+    could be removed; it then fails on its next file instead of finishing a partial copy.)
+    """
+    for pattern in patterns:
+        for leftover in sorted(parent.glob(pattern)):
+            log.warning("removing %s, left by an interrupted write", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def replace_directory(source: Path, target: Path) -> None:

@@ -9,11 +9,12 @@ photo. Images given in memory (PIL images, arrays, tensors, encoded bytes) go th
 as files (``load_image``), so a file and its pixels give the same tensor.
 """
 
+import io
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL refuses images over twice its MAX_IMAGE_PIXELS (~179 Mpx) and warns above it; we refuse above it
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-
 # How pixels are oriented; part of the caches' keys, so caches of sideways pixels are never reused
 ORIENTATION = "EXIF orientation applied (PIL.ImageOps.exif_transpose)"
 # What ``load_image`` takes: a file path, an encoded image file's bytes, or pixels
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
+
 
 class BadImageError(ValueError):
     """An image file that cannot be used; ``reason`` is one of ``REASONS``."""
@@ -60,6 +61,23 @@ class ImageInfo:
     conversion: str | None  # e.g. "L->RGB", "CMYK->RGB", "RGBA->RGB", "P->RGB", "I;16->RGB"
 
 
+def _check_regular_file(path: Path) -> None:
+    """Raise ``BadImageError`` unless ``path`` (its link followed) is a regular file, before anything opens it:
+    opening a FIFO named like an image would block the reader forever; a device or folder is no image."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadImageError(path, "missing", "file not found") from None
+    except (OSError, ValueError) as error:  # no permission on a folder, a link loop, a NUL in the name
+        reason = getattr(error, "strerror", None) or error
+        raise BadImageError(path, "unreadable", f"cannot look at it: {reason}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a file")
+        raise BadImageError(path, "unreadable", f"{kind}, not a regular file: never opened")
+
+
 def _check_header(image: Image.Image, path: Path) -> None:
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -82,6 +100,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _upright_rgb(image: Image.Image) -> tuple[Image.Image, ImageInfo]:
+    """A loaded image turned upright by its EXIF orientation and made RGB (a new image: ``image`` is untouched)."""
+    mode = image.mode
+    upright = ImageOps.exif_transpose(image)  # a copy, also when there is no orientation tag
+    rgb = _to_rgb(upright)
+    return rgb, ImageInfo(rgb.width, rgb.height, None if mode == "RGB" else f"{mode}->RGB")
+
+
 @contextmanager
 def _reading(path: Path, size: int | None = None) -> Iterator[None]:
     """Turn PIL's many failures while reading ``path`` (a file, or ``size`` bytes in memory) into ``BadImageError``."""
@@ -101,19 +127,10 @@ def _reading(path: Path, size: int | None = None) -> Iterator[None]:
         raise BadImageError(path, "unreadable", f"cannot decode: {error}") from None
 
 
-def _upright_rgb(image: Image.Image) -> tuple[Image.Image, ImageInfo]:
-    """A loaded image turned upright by its EXIF orientation and made RGB (a new image: ``image`` is untouched)."""
-    mode = image.mode
-    upright = ImageOps.exif_transpose(image)  # a copy, also when there is no orientation tag
-    rgb = _to_rgb(upright)
-    return rgb, ImageInfo(rgb.width, rgb.height, None if mode == "RGB" else f"{mode}->RGB")
-
-
 def open_rgb(path: str | Path) -> tuple[Image.Image, ImageInfo]:
     """Decode ``path`` fully into an upright RGB image, or raise ``BadImageError`` saying why not."""
     path = Path(path)
-    if not path.is_file():
-        raise BadImageError(path, "missing", "file not found")
+    _check_regular_file(path)
     with _reading(path), Image.open(path) as image:
         _check_header(image, path)
         image.load()
@@ -192,7 +209,6 @@ def probe_image(path: str | Path) -> None:
     ``open_rgb`` decodes it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise BadImageError(path, "missing", "file not found")
+    _check_regular_file(path)
     with _reading(path), Image.open(path) as image:
         _check_header(image, path)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captioning.data.datasets import SPLITS
-from captioning.data.files import MANIFEST_NAME, locked, replace_directory, sha256_file
+from captioning.data.files import MANIFEST_NAME, locked, remove_leftovers, replace_directory, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,16 @@ def ensure_shapes_dataset(root: str | os.PathLike, config: ShapesConfig) -> Path
     """Return ``root`` once it holds a verified shapes dataset for ``config``, generating it if needed.
 
     Raises ``FileExistsError`` if ``root`` holds files that this generator did not write (no
-    manifest): those are never deleted.
+    manifest): those are never deleted. Staging folders a killed generator left beside ``root``
+    are removed, under the lock every generator holds while writing (so none is a live writer's).
     """
     root = Path(root)
-    if verify_shapes_dataset(root, config):
+    leftovers = [f".{root.name}.tmp-*", f".{root.name}.stale-*"]  # _generate's staging, replace_directory's
+    if verify_shapes_dataset(root, config) and not any(any(root.parent.glob(p)) for p in leftovers):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with locked(root.parent / f".{root.name}.lock"):  # other processes wait, then find it ready
+        remove_leftovers(root.parent, leftovers)
         if not verify_shapes_dataset(root, config):
             _generate(root, config)
     return root

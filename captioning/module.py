@@ -165,7 +165,7 @@ class CaptioningLitModule(pl.LightningModule):
         return self.net.encoder(batch.images)
 
     def _loss(self, output: DecoderOutput, batch: CaptionBatch, label_smoothing: float = 0.0) -> torch.Tensor:
-        loss = masked_cross_entropy(output.logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)
+        loss = masked_cross_entropy(output.word_logits, batch.tokens[:, 1:], self.vocab.pad_id, label_smoothing)
         if output.attention is not None and self.hparams.attention_penalty > 0:
             loss = loss + self.hparams.attention_penalty * doubly_stochastic_penalty(output.attention, output.mask)
         return loss
@@ -216,7 +216,7 @@ class CaptioningLitModule(pl.LightningModule):
         """Each image's summed reference NLL and word count, kept by image id (a DDP sampler's
         padding repeats images; the id counts them once)."""
         output = self.net.decoder(features.select(batch.caption_image_index), batch.tokens, batch.lengths)
-        nll, words = caption_negative_log_likelihood(output.logits, batch.tokens[:, 1:], self.vocab.pad_id)
+        nll, words = caption_negative_log_likelihood(output.word_logits, batch.tokens[:, 1:], self.vocab.pad_id)
         rows = batch.image_ids.shape[0]
         image_nll = nll.new_zeros(rows).index_add_(0, batch.caption_image_index, nll)  # (images,)
         image_words = words.new_zeros(rows).index_add_(0, batch.caption_image_index, words)  # (images,)

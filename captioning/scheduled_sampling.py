@@ -53,6 +53,6 @@ def scheduled_sampling_forward(decoder: CaptionDecoder, features: EncodedImages 
         all_logits.append(previous)
         if weights is not None:
             all_weights.append(weights * valid[:, t:t + 1])
-    logits = torch.stack(all_logits, dim=1) * valid.unsqueeze(2)  # (batch, steps, vocab_size)
+    word_logits = torch.stack(all_logits, dim=1)[valid]  # (words, vocab_size)
     attention = torch.stack(all_weights, dim=1) if all_weights else None
-    return DecoderOutput(logits, attention, features.mask)
+    return DecoderOutput(word_logits, valid, attention, features.mask)

@@ -29,8 +29,13 @@ class AdditiveAttention(nn.Module):
         ``mask`` (batch, num_pixels), True for real regions: padded ones score -inf, so their weight
         is exactly 0 and the real ones' softmax is the one they would have alone.
         """
-        query = self.query_projection(hidden).unsqueeze(1)  # (batch, 1, attention_dim)
-        scores = self.score(torch.tanh(keys + query)).squeeze(2)  # (batch, num_pixels)
+        return self.attend(grid, keys, self.query_projection(hidden), mask)
+
+    def attend(self, grid: torch.Tensor, keys: torch.Tensor, query: torch.Tensor,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` from the projected query (batch, attention_dim), for decoders that compute it
+        in one product with other projections of the same hidden state."""
+        scores = self.score(torch.tanh(keys + query.unsqueeze(1))).squeeze(2)  # (batch, num_pixels)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf)
         weights = torch.softmax(scores, dim=1)  # (batch, num_pixels)

@@ -12,6 +12,7 @@ so each decoding strategy is written once. A state is a tuple of tensors shaped
 ``(num_layers, batch, hidden_size)``: ``(h,)`` or ``(h, c)``; strategies reorder it along dim 1.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -23,6 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from captioning.errors import check_choice
 from captioning.models.attention import AdditiveAttention, BidirectionalContext
 from captioning.models.encoders import EncodedImages
+from captioning.models.time_batched import TimeBatchedLinear
 
 State = tuple[torch.Tensor, ...]
 
@@ -55,14 +57,25 @@ class PreparedImages:
 class DecoderOutput(NamedTuple):
     """Teacher-forced outputs; rows and steps follow the input captions.
 
-    Logits at padded positions are zeros (never computed) and must be masked by the loss;
-    attention weights there are zeros too, so sums over steps are sums over words. Padded regions
-    get zero weight at every step; ``mask`` says which they are (the attention penalty skips them).
+    Only real words have logits: row r of ``word_logits`` predicts the r-th word of ``real`` in
+    row-major order (the target ``tokens[:, 1:][real]``), so no (batch, steps, vocab_size) buffer
+    is filled with zeros for padding (``logits`` builds one on demand). Attention weights at padded
+    steps are zeros, so sums over steps are sums over words. Padded regions get zero weight at every
+    step; ``mask`` says which they are (the attention penalty skips them).
     """
 
-    logits: torch.Tensor  # (batch, max_len - 1, vocab_size), predicting tokens[:, 1:]
+    word_logits: torch.Tensor  # (words, vocab_size), predicting tokens[:, 1:][real]
+    real: torch.Tensor  # (batch, max_len - 1) bool, True where tokens[:, 1:] is a word, not padding
     attention: torch.Tensor | None  # (batch, max_len - 1, num_pixels) for attention decoders
     mask: torch.Tensor | None = None  # (batch, num_pixels) bool, True for real regions; None: every one is real
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(batch, max_len - 1, vocab_size) with zeros at padded positions, for inspection; losses read
+        ``word_logits``."""
+        padded = self.word_logits.new_zeros(*self.real.shape, self.word_logits.shape[1])
+        padded[self.real] = self.word_logits
+        return padded
 
 
 class CaptionDecoder(Protocol):
@@ -246,9 +259,7 @@ class ShowTellDecoder(nn.Module):
         if self.condition == "input":
             hidden = hidden[:, 1:]  # the step that read the image predicts nothing
         real = torch.arange(hidden.shape[1], device=lengths.device) < (lengths - 1).unsqueeze(1)  # (batch, steps)
-        logits = hidden.new_zeros(*hidden.shape[:2], self.embedding.num_embeddings)
-        logits[real] = self.output(self.dropout(hidden[real]))  # (words, vocab_size): none for padding
-        return DecoderOutput(logits, None)  # (batch, max_len - 1, vocab_size)
+        return DecoderOutput(self.output(self.dropout(hidden[real])), real, None)  # (words, vocab_size)
 
     def _inputs(self, tokens: torch.Tensor, features: PreparedImages) -> torch.Tensor:
         """Word embeddings (batch, steps, embed_dim), with the image beside each one for "every_step"."""
@@ -267,15 +278,38 @@ class ShowTellDecoder(nn.Module):
         return output, (new_state if self.cell == "lstm" else (new_state,))
 
 
+Recurrence = Callable[[torch.Tensor, State, PreparedImages], tuple[torch.Tensor, State, torch.Tensor]]
+
+
 class _StepwiseAttentionDecoder(nn.Module):
-    """An attention decoder whose teacher forcing steps word by word through its own ``step``.
+    """An attention decoder whose teacher forcing steps word by word through the same recurrence as ``step``.
 
     Captions are sorted by length and the active batch shrinks as captions end, so no step
-    computes on padding. Subclasses define ``embedding``, ``_prepare_regions``, ``init_state`` and ``step``.
+    computes on padding. What does not depend on the recurrent state runs outside the loop, once
+    over all words: the word inputs (``_word_inputs``) before it, the output layer after it. Subclasses
+    define ``embedding``, ``output``, ``_prepare_regions``, ``init_state``, ``_word_inputs`` and
+    ``_recurrence``, which returns ``(word inputs, state, prepared) -> (top hidden state after
+    dropout, new state, attention weights)``.
     """
 
     embedding: nn.Embedding
+    output: WordOutput
     decoder_name: str  # for the messages about its input
+
+    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (any shape) -> what the recurrence reads of each word, computed for all words at once."""
+        raise NotImplementedError
+
+    def _recurrence(self, time_batched: bool) -> Recurrence:
+        """One step of the recurrence; ``time_batched``: for a whole teacher-forced pass, whose products with
+        the previous state may compute their weight gradients once over all steps (``TimeBatchedLinear``)."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
+             ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """tokens (batch,) -> logits (batch, vocab_size), the new state, attention weights (batch, num_pixels)."""
+        hidden, state, weights = self._recurrence(time_batched=False)(self._word_inputs(tokens), state, features)
+        return self.output(hidden), state, weights
 
     def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
         """The decoder's per-image work on the grid or regions (and their mask), done once per image."""
@@ -291,28 +325,39 @@ class _StepwiseAttentionDecoder(nn.Module):
     def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
                 lengths: torch.Tensor) -> DecoderOutput:
         features = self.prepare(features)
-        mask = features.mask  # (batch, num_pixels) in the captions' order
-        steps = lengths - 1  # words each caption predicts
-        order = torch.argsort(steps, descending=True)
-        sorted_steps = steps[order]
-        features, tokens = features.select(order), tokens[order]
-        state = self.init_state(features)
-        batch, max_steps = tokens.shape[0], tokens.shape[1] - 1
-        vocab_size = self.embedding.num_embeddings
-        logits = tokens.new_zeros(batch, max_steps, vocab_size, dtype=features.annotations.dtype)
-        attention = tokens.new_zeros(batch, max_steps, features.annotations.shape[1],
-                                     dtype=features.annotations.dtype)
-        positions = torch.arange(max_steps, device=steps.device)
-        active_per_step = (sorted_steps.unsqueeze(0) > positions.unsqueeze(1)).sum(1).tolist()
-        for t, active in enumerate(active_per_step):  # captions still running form a prefix
+        max_steps = tokens.shape[1] - 1
+        positions = torch.arange(max_steps, device=lengths.device)
+        real = positions < (lengths - 1).unsqueeze(1)  # (batch, max_steps) in the captions' order
+        order = torch.argsort(lengths - 1, descending=True)
+        sorted_features, sorted_real = features.select(order), real[order]
+        active_per_step = sorted_real.sum(dim=0)  # (max_steps,): the running captions, a prefix of the sorted ones
+        # every word's input at once, step-major: step t's rows are its running captions, longest first
+        word_inputs = self._word_inputs(tokens[order, :max_steps].t()[sorted_real.t()])  # (words, ...)
+        recurrence = self._recurrence(time_batched=torch.is_grad_enabled())
+        state = self.init_state(sorted_features)
+        hiddens: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        start = 0
+        for active in active_per_step.tolist():
             if active == 0:
                 break
             state = tuple(part[:, :active] for part in state)
-            step_logits, state, weights = self.step(tokens[:active, t], state, features.select(slice(0, active)))
-            logits[:active, t] = step_logits
-            attention[:active, t] = weights
-        restore = torch.argsort(order)
-        return DecoderOutput(logits[restore], attention[restore], mask)
+            hidden, state, weights = recurrence(word_inputs[start:start + active], state,
+                                                sorted_features.select(slice(0, active)))
+            hiddens.append(hidden)  # (active, hidden_size), after dropout
+            attentions.append(weights)  # (active, num_pixels)
+            start += active
+        # the words in the captions' order, and where each one is in the step-major lists
+        caption, step = real.nonzero(as_tuple=True)  # (words,) each
+        index = (torch.cumsum(active_per_step, 0) - active_per_step)[step] + torch.argsort(order)[caption]
+        annotations = features.annotations  # (batch, num_pixels, annotation_dim)
+        if not hiddens:
+            hiddens = [annotations.new_zeros(0, self.output.projection.in_features)]
+            attentions = [annotations.new_zeros(0, annotations.shape[1])]
+        word_logits = self.output(torch.cat(hiddens)[index])  # (words, vocab_size): one large product
+        attention = annotations.new_zeros(*real.shape, annotations.shape[1]).index_put(
+            (caption, step), torch.cat(attentions)[index])  # (batch, max_steps, num_pixels), zeros at padding
+        return DecoderOutput(word_logits, real, attention, features.mask)
 
 
 class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
@@ -349,7 +394,7 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         check_choice(cell, CELLS, "decoder cell")
         if context_encoder not in (None, "birnn"):
             raise ValueError(f"context_encoder must be null or 'birnn', got {context_encoder!r}")
-        self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
+        self.cell, self.num_layers, self.hidden_size, self.embed_dim = cell, num_layers, hidden_size, embed_dim
         self.context = BidirectionalContext(encoder_dim, context_hidden_size) if context_encoder else None
         annotation_dim = self.context.output_dim if self.context else encoder_dim
         self.attention = AdditiveAttention(annotation_dim, hidden_size, attention_dim)
@@ -375,14 +420,70 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         mean_annotation = _mean_region(features.annotations, features.mask)  # (batch, annotation_dim)
         return _split_state(self.init_projection(mean_annotation), self.num_layers, self.hidden_size)
 
-    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
-             ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """tokens (batch,) -> logits (batch, vocab_size), attention weights (batch, num_pixels)."""
+    @property
+    def _single_lstm(self) -> bool:
+        """One LSTM layer: its gates are computed from their parts (``_lstm_step``), the word's part once
+        for all words, and the products with the previous hidden state in one."""
+        return self.cell == "lstm" and self.num_layers == 1
+
+    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding, or, for one LSTM layer, the embedding's share of its gates (with their input bias)."""
+        embedded = self.embedding(tokens)  # (..., embed_dim)
+        if not self._single_lstm:
+            return embedded
+        cell = self.cells[0]
+        return F.linear(embedded, cell.weight_ih[:, :self.embed_dim], cell.bias_ih)  # (..., 4 * hidden_size)
+
+    def _recurrence(self, time_batched: bool) -> Recurrence:
+        if not self._single_lstm:
+            return self._cells_step
+        cell = self.cells[0]
+        projections = [self.attention.query_projection, *([self.gate] if self.gate is not None else [])]
+        sizes = [p.out_features for p in projections] + [4 * self.hidden_size]
+        context_weight = cell.weight_ih[:, self.embed_dim:]  # (4 * hidden_size, annotation_dim)
+        if time_batched:  # the previous hidden state's three products as one, weight gradients once per pass
+            from_hidden = TimeBatchedLinear(torch.cat([p.weight for p in projections] + [cell.weight_hh]),
+                                            torch.cat([p.bias for p in projections] + [cell.bias_hh]))
+            from_context = TimeBatchedLinear(context_weight)
+
+            def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
+                return list(from_hidden(hidden).split(sizes, dim=1))
+        else:  # one step: no copy of the weights into one matrix
+            def from_context(context: torch.Tensor) -> torch.Tensor:
+                return F.linear(context, context_weight)
+
+            def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
+                return [p(hidden) for p in projections] + [F.linear(hidden, cell.weight_hh, cell.bias_hh)]
+
+        def lstm_step(word_gates: torch.Tensor, state: State, features: PreparedImages
+                      ) -> tuple[torch.Tensor, State, torch.Tensor]:
+            return self._lstm_step(word_gates, state, features, project_hidden, from_context)
+        return lstm_step
+
+    def _lstm_step(self, word_gates: torch.Tensor, state: State, features: PreparedImages,
+                   project_hidden: Callable[[torch.Tensor], list[torch.Tensor]],
+                   from_context: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """``_cells_step`` for one LSTM layer, its gates summed from their parts: the word's (precomputed),
+        the context's and the previous hidden state's, as ``nn.LSTMCell`` computes them."""
+        hidden, cell = state[0][0], state[1][0]  # (batch, hidden_size) each
+        query, *gate, hidden_gates = project_hidden(hidden)  # (batch, attention_dim), [(batch, annotation_dim)], ...
+        context, weights = self.attention.attend(features.annotations, features.keys, query, features.mask)
+        if gate:
+            context = torch.sigmoid(gate[0]) * context  # (batch, annotation_dim)
+        gates = word_gates + from_context(context) + hidden_gates  # (batch, 4 * hidden_size)
+        input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, dim=1)  # torch's order
+        cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
+        hidden = torch.sigmoid(output_gate) * torch.tanh(cell)  # (batch, hidden_size)
+        return self.dropout(hidden), (hidden.unsqueeze(0), cell.unsqueeze(0)), weights
+
+    def _cells_step(self, embedded: torch.Tensor, state: State, features: PreparedImages
+                    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One step of any stack of cells: attend with the top layer's hidden state, gate, run the cells."""
         hidden = state[0]  # (layers, batch, hidden_size)
         context, weights = self.attention(features.annotations, features.keys, hidden[-1], features.mask)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(hidden[-1])) * context  # (batch, annotation_dim)
-        layer_input = torch.cat([self.embedding(tokens), context], dim=1)  # (batch, embed_dim + annotation_dim)
+        layer_input = torch.cat([embedded, context], dim=1)  # (batch, embed_dim + annotation_dim)
         new_parts: list[list[torch.Tensor]] = [[] for _ in state]
         for layer, cell in enumerate(self.cells):
             if self.cell == "lstm":
@@ -393,7 +494,7 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
                 part.append(value)
             layer_input = self.dropout(layer_state[0])
         new_state = tuple(torch.stack(part) for part in new_parts)
-        return self.output(layer_input), new_state, weights
+        return layer_input, new_state, weights
 
 
 class UpDownDecoder(_StepwiseAttentionDecoder):
@@ -452,15 +553,21 @@ class UpDownDecoder(_StepwiseAttentionDecoder):
         zeros = features.global_features.new_zeros(2, features.global_features.shape[0], self.hidden_size)
         return zeros, zeros
 
-    def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
-             ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """tokens (batch,) -> logits (batch, vocab_size), attention weights (batch, num_regions)."""
+    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)  # (..., embed_dim); dropped out step by step, as the random stream always was
+
+    def _recurrence(self, time_batched: bool) -> Recurrence:
+        return self._two_lstm_step
+
+    def _two_lstm_step(self, embedded: torch.Tensor, state: State, features: PreparedImages
+                       ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """The attention LSTM, attention over the regions, the language LSTM; h2_t after dropout."""
         hidden, cell = state  # (2, batch, hidden_size) each: attention LSTM, language LSTM
-        words = self.dropout(self.embedding(tokens))  # (batch, embed_dim)
+        words = self.dropout(embedded)  # (batch, embed_dim)
         attention_input = torch.cat([hidden[1], features.global_features, words], dim=1)
         h_attention, c_attention = self.attention_lstm(attention_input, (hidden[0], cell[0]))  # (batch, hidden_size)
         attended, weights = self.attention(features.annotations, features.keys, h_attention, features.mask)
         language_input = torch.cat([attended, h_attention], dim=1)  # (batch, encoder_dim + hidden_size)
         h_language, c_language = self.language_lstm(language_input, (hidden[1], cell[1]))
         new_state = (torch.stack([h_attention, h_language]), torch.stack([c_attention, c_language]))
-        return self.output(self.dropout(h_language)), new_state, weights
+        return self.dropout(h_language), new_state, weights

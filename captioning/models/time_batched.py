@@ -1,0 +1,68 @@
+"""A linear layer applied at every step of a recurrence whose weight gradient is computed once, over all steps.
+
+Autograd would compute ``grad_y_t^T x_t`` at every step (a matrix as large as the weight from a few
+dozen rows) and add it into the weight's gradient: on a CPU that is memory traffic, not arithmetic.
+``TimeBatchedLinear`` keeps each step's input and, in backward, each step's output gradient, and
+forms the weight's gradient as one large product ``G^T X`` once every step has been through backward.
+The input gradients are computed per step as usual, so the recurrence's backward is unchanged.
+
+Not for double backward (``create_graph=True``).
+"""
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class TimeBatchedLinear:
+    """``y = x W^T + b`` for the steps of one forward pass; build a new one for every pass."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
+        self.inputs: list[torch.Tensor] = []  # each step's x, in call order
+        self.output_grads: dict[int, torch.Tensor] = {}  # call index -> grad of y, as backward reaches it
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+        # every step's output depends on this token, so autograd reaches _GatherWeightGrad after all steps
+        self._token = _GatherWeightGrad.apply(weight, bias, self) if needs_grad else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in_features) -> (rows, out_features)."""
+        if self._token is None:
+            return F.linear(x, self.weight, self.bias)
+        return _StepLinear.apply(x, self._token, self)
+
+
+class _GatherWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, bias: torch.Tensor | None, owner: TimeBatchedLinear) -> torch.Tensor:
+        ctx.owner, ctx.has_bias = owner, bias is not None
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        owner: TimeBatchedLinear = ctx.owner
+        reached = sorted(owner.output_grads)
+        if not reached:
+            return None, None, None
+        grads = torch.cat([owner.output_grads[i] for i in reached])  # (rows over all steps, out_features)
+        inputs = torch.cat([owner.inputs[i] for i in reached])  # (rows over all steps, in_features)
+        owner.inputs, owner.output_grads = [], {}
+        weight_grad = grads.t().mm(inputs) if ctx.needs_input_grad[0] else None  # (out_features, in_features)
+        bias_grad = grads.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return weight_grad, bias_grad, None
+
+
+class _StepLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, token: torch.Tensor, owner: TimeBatchedLinear) -> torch.Tensor:
+        ctx.owner, ctx.index = owner, len(owner.inputs)
+        owner.inputs.append(x)
+        return F.linear(x, owner.weight, owner.bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, None]:
+        owner: TimeBatchedLinear = ctx.owner
+        owner.output_grads[ctx.index] = grad_output
+        grad_input = grad_output.mm(owner.weight) if ctx.needs_input_grad[0] else None  # (rows, in_features)
+        return grad_input, grad_output.new_zeros(()), None

@@ -1,0 +1,155 @@
+"""Teacher forcing with the work that does not depend on the recurrent state hoisted out of the time loop
+gives the numbers of the plain formulation: every word through ``nn.LSTMCell`` and the output layer
+inside the loop, into a zero-filled (batch, steps, vocab_size) buffer."""
+
+import pytest
+import torch
+
+from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
+from captioning.models.decoders import DecoderOutput, ShowAttendTellDecoder, UpDownDecoder
+from captioning.models.encoders import EncodedImages
+from captioning.models.time_batched import TimeBatchedLinear
+from captioning.scheduled_sampling import scheduled_sampling_forward
+
+VOCAB, ENCODER_DIM, PIXELS = 40, 12, 9
+LENGTHS = [7, 3, 9, 2, 9, 5]  # <bos> and <eos> included; a one-word caption and two of the longest
+
+
+def captions(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = torch.randint(3, VOCAB, (length,), generator=generator)
+        tokens[row, 0], tokens[row, length - 1] = 1, 2
+    return tokens, torch.tensor(lengths)
+
+
+def features(rows: int, masked: bool, seed: int = 1) -> EncodedImages:
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.randn(rows, PIXELS, ENCODER_DIM, generator=generator, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.arange(PIXELS) < torch.tensor([PIXELS, 4, 7, PIXELS, 1, 5])[:rows].unsqueeze(1)
+    return EncodedImages(grid.mean(dim=1), grid, mask)
+
+
+def reference_forward(decoder: ShowAttendTellDecoder, encoded: EncodedImages, tokens: torch.Tensor,
+                      lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM layer, the plain way: per step attention, gate, ``nn.LSTMCell`` on ``[embedding; context]``,
+    dropout and the output layer, written into zero buffers in the captions' order."""
+    prepared = decoder.prepare(encoded)
+    steps = lengths - 1
+    order = torch.argsort(steps, descending=True)
+    prepared, sorted_tokens = prepared.select(order), tokens[order]
+    hidden, cell = (part[0] for part in decoder.init_state(prepared))
+    logits = torch.zeros(*tokens[:, 1:].shape, VOCAB, dtype=torch.float64)
+    attention = torch.zeros(*tokens[:, 1:].shape, PIXELS, dtype=torch.float64)
+    for t in range(tokens.shape[1] - 1):
+        active = int((steps > t).sum())
+        rows = prepared.select(slice(0, active))
+        hidden, cell = hidden[:active], cell[:active]
+        context, weights = decoder.attention(rows.annotations, rows.keys, hidden, rows.mask)
+        if decoder.gate is not None:
+            context = torch.sigmoid(decoder.gate(hidden)) * context
+        layer_input = torch.cat([decoder.embedding(sorted_tokens[:active, t]), context], dim=1)
+        hidden, cell = decoder.cells[0](layer_input, (hidden, cell))
+        logits[:active, t] = decoder.output(decoder.dropout(hidden))
+        attention[:active, t] = weights
+    restore = torch.argsort(order)
+    return logits[restore], attention[restore]
+
+
+def loss_and_grads(module: torch.nn.Module, compute: callable) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same dropout masks for both formulations
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same(first: tuple[torch.Tensor, dict], second: tuple[torch.Tensor, dict]) -> None:
+    torch.testing.assert_close(first[0], second[0], rtol=0, atol=1e-6)
+    assert first[1].keys() == second[1].keys()
+    for name in first[1]:
+        torch.testing.assert_close(first[1][name], second[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("options", [{}, {"gate": False}, {"tie_embeddings": True},
+                                     {"context_encoder": "birnn"}], ids=["gate", "no-gate", "tied", "birnn"])
+@pytest.mark.parametrize("masked", [False, True], ids=["grid", "regions"])
+def test_hoisted_lstm_pass_equals_the_plain_formulation_in_loss_and_gradients(options: dict, masked: bool) -> None:
+    """Losses and every parameter's gradient to 1e-6, dropout on (the same random masks)."""
+    torch.manual_seed(0)
+    decoder = ShowAttendTellDecoder(VOCAB, ENCODER_DIM, embed_dim=10, hidden_size=16, attention_dim=8,
+                                    context_hidden_size=6, dropout=0.5, **options).double().train()
+    tokens, lengths = captions(LENGTHS)
+    encoded, targets = features(len(LENGTHS), masked), tokens[:, 1:]
+
+    def hoisted() -> torch.Tensor:
+        output = decoder(encoded, tokens, lengths)
+        assert output.word_logits.shape == (int((lengths - 1).sum()), VOCAB)  # no row for padding
+        return masked_cross_entropy(output.word_logits, targets) + doubly_stochastic_penalty(output.attention,
+                                                                                                output.mask)
+
+    def plain() -> torch.Tensor:
+        logits, attention = reference_forward(decoder, encoded, tokens, lengths)
+        return masked_cross_entropy(logits, targets) + doubly_stochastic_penalty(attention, encoded.mask)
+
+    assert_same(loss_and_grads(decoder, hoisted), loss_and_grads(decoder, plain))
+
+
+SIZES = {"embed_dim": 10, "hidden_size": 16, "attention_dim": 8, "dropout": 0.0}
+
+
+@pytest.mark.parametrize("decoder", [
+    ShowAttendTellDecoder(VOCAB, ENCODER_DIM, cell="gru", **SIZES),
+    ShowAttendTellDecoder(VOCAB, ENCODER_DIM, num_layers=2, **SIZES),
+    ShowAttendTellDecoder(VOCAB, ENCODER_DIM, **SIZES),
+    UpDownDecoder(VOCAB, ENCODER_DIM, **SIZES),
+], ids=["gru", "two-layer-lstm", "lstm", "updown"])
+def test_every_attention_decoder_equals_stepping_through_its_own_step(decoder: torch.nn.Module) -> None:
+    """With the output layer after the loop, teacher forcing still equals ``step`` word by word (scheduled
+    sampling that never samples; it steps finished captions too, so its dropout masks differ: no dropout)."""
+    decoder.double().train()
+    tokens, lengths = captions(LENGTHS)
+    encoded, targets = features(len(LENGTHS), masked=True), tokens[:, 1:]
+
+    def loss(output: DecoderOutput) -> torch.Tensor:
+        nll, words = caption_negative_log_likelihood(output.word_logits, targets)
+        return nll.sum() / words.sum() + doubly_stochastic_penalty(output.attention, output.mask)
+
+    assert_same(loss_and_grads(decoder, lambda: loss(decoder(encoded, tokens, lengths))),
+                loss_and_grads(decoder, lambda: loss(scheduled_sampling_forward(decoder, encoded, tokens, lengths, 0.0))))
+
+
+def test_padded_logits_put_each_word_where_its_target_is() -> None:
+    decoder = ShowAttendTellDecoder(VOCAB, ENCODER_DIM, **SIZES).double().eval()
+    tokens, lengths = captions(LENGTHS)
+    encoded = features(len(LENGTHS), masked=False)
+    output = decoder(encoded, tokens, lengths)
+    padded = output.logits  # (batch, steps, vocab_size)
+    assert torch.equal(output.real, tokens[:, 1:] != 0)
+    assert torch.equal(padded[output.real], output.word_logits)
+    assert not padded[~output.real].any()
+    with pytest.raises(ValueError, match="rows of word logits"):
+        masked_cross_entropy(output.word_logits[1:], tokens[:, 1:])
+
+
+def test_time_batched_linear_gives_autograds_gradients() -> None:
+    """The weight gradient formed once over all steps equals autograd's per-step sum; input gradients flow."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    start = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def run(linear: callable) -> list[torch.Tensor]:
+        x, total = start, 0.0
+        for rows in (3, 3, 2, 1):  # a recurrence whose batch shrinks
+            x = torch.tanh(linear(x[:rows]))[:, :4]
+            total = total + (x ** 2).sum()
+        return torch.autograd.grad(total, [weight, bias, start])
+
+    expected = run(lambda x: torch.nn.functional.linear(x, weight, bias))
+    batched = TimeBatchedLinear(weight, bias)
+    for got, want in zip(run(batched), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -269,7 +269,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="captioning caption", description="Caption images with a trained checkpoint.",
                                      epilog=EXIT_STATUS_HELP)
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.ckpt)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="a training checkpoint (.ckpt)")
+    model.add_argument("--onnx", type=Path, metavar="DIR", help="an export folder (captioning export): caption with "
+                                                                "onnxruntime on the CPU instead of PyTorch")
     parser.add_argument("--beam-size", type=positive_int, help="1: greedy (default: the training one, as validation decoded)")
     parser.add_argument("--max-length", type=positive_int, help="most words per caption (default: the training one)")
     parser.add_argument("--n-best", type=positive_int, help="the K best captions per image, with log-probabilities "
@@ -301,10 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as claimed:
         try:
             _claim_outputs(args, claimed)
-            captioner = Captioner.from_checkpoint(args.checkpoint, args.device, beam_size=args.beam_size,
-                                                  max_length=args.max_length, n_best=args.n_best,
-                                                  length_penalty=args.length_penalty,
-                                                  block_trigrams=args.block_trigrams)
+            decoding = {"beam_size": args.beam_size, "max_length": args.max_length, "n_best": args.n_best,
+                        "length_penalty": args.length_penalty, "block_trigrams": args.block_trigrams}
+            if args.onnx is not None:
+                from captioning.onnx_runtime import onnx_captioner  # imports this module: loaded only when asked
+
+                captioner = onnx_captioner(args.onnx, device=args.device, **decoding)
+            else:
+                captioner = Captioner.from_checkpoint(args.checkpoint, args.device, **decoding)
         except (FileNotFoundError, ValueError, RuntimeError) as error:
             print(f"caption: {error}", file=sys.stderr)
             return 2

@@ -98,9 +98,9 @@ class OnnxEncoderDecoder:
         return PreparedImages(**{name: outputs[name] for name in self.decoder.prepared_names})
 
     def to(self, device: torch.device) -> "OnnxEncoderDecoder":
+        """The tensors stay on the CPU, where onnxruntime's CPU provider reads and writes them."""
         if torch.device(device).type != "cpu":
-            raise ValueError(f"an exported model runs on onnxruntime's CPU provider; --device {device} is not "
-                             "available with --onnx")
+            raise ValueError(f"an exported model runs on onnxruntime's CPU provider, not on {device}")
         return self
 
     def eval(self) -> "OnnxEncoderDecoder":
@@ -131,9 +131,13 @@ def read_export(directory: str | Path) -> tuple[dict[str, Any], Vocabulary]:
 
 def onnx_captioner(directory: str | Path, beam_size: int | None = None, max_length: int | None = None,
                    n_best: int | None = None, length_penalty: float | None = None,
-                   block_trigrams: bool | None = None, threads: int | None = None) -> Captioner:
+                   block_trigrams: bool | None = None, threads: int | None = None, device: str = "cpu"
+                   ) -> Captioner:
     """A ``Captioner`` over an export folder; decoding settings not given (None) are the training run's,
-    as for ``Captioner.from_checkpoint``."""
+    as for ``Captioner.from_checkpoint``. ``device``: cpu (or auto, which means cpu here)."""
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"--device {device}: an exported model runs on onnxruntime's CPU provider; use --device cpu "
+                         "with --onnx, or caption with --checkpoint on the GPU")
     directory = Path(directory)
     settings, vocab = read_export(directory)
     graphs = {name: OnnxGraph(directory / file, threads) for name, file in GRAPH_FILES.items()}

@@ -14,6 +14,7 @@ import random
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from captioning.data.datasets import SPLITS
 from captioning.data.files import MANIFEST_NAME, locked, remove_leftovers, replace_directory, sha256_file
+from captioning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,15 @@ def verify_shapes_dataset(root: Path, config: ShapesConfig) -> bool:
     return True
 
 
-def write_shapes_dataset(root: Path, config: ShapesConfig) -> None:
-    """Write images, ``annotations/captions_{split}.json`` and, last, the manifest under ``root``."""
+def write_shapes_dataset(root: Path, config: ShapesConfig, progress: bool = True) -> None:
+    """Write images, ``annotations/captions_{split}.json`` and, last, the manifest under ``root``
+    (with a progress bar on stderr: the default dataset takes a while)."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task("generating the shapes dataset", total=sum(config.num_images(s) for s in SPLITS))
+        _write_shapes_dataset(root, config, lambda: bar.advance(task))
+
+
+def _write_shapes_dataset(root: Path, config: ShapesConfig, advance: Callable[[], None]) -> None:
     files: dict[str, str] = {}
     next_image_id, next_caption_id = 1, 1
     for split_index, split in enumerate(SPLITS):
@@ -158,6 +167,7 @@ def write_shapes_dataset(root: Path, config: ShapesConfig) -> None:
                 annotations.append({"id": next_caption_id, "image_id": next_image_id, "caption": caption})
                 next_caption_id += 1
             next_image_id += 1
+            advance()
         coco = {
             "info": {"description": f"captioning built-in shapes dataset, {split} split",
                      "version": str(GENERATOR_VERSION)},

@@ -31,6 +31,7 @@ from captioning.cli_args import EXIT_STATUS_HELP
 from captioning.data.files import check_writable, write_json
 from captioning.errors import InputError
 from captioning.evaluation.coco import CocoCaptionEvaluator
+from captioning.progress import progress_bar
 
 
 def load_results(path: Path) -> dict[int, str]:
@@ -93,9 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
-    with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
-        result = evaluator.score(captions)
-        loo = evaluator.leave_one_out(captions) if args.leave_one_out else None
+    with progress_bar(True) as bar:  # each phase takes minutes on a full COCO split
+        phase = bar.add_task(f"tokenizing {sum(map(len, references.values()))} references",
+                             total=3 if args.leave_one_out else 2)
+        with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
+            evaluator.tokenized_references()
+            bar.update(phase, advance=1, description=f"scoring {len(captions)} captions")
+            result = evaluator.score(captions)
+            loo = None
+            if args.leave_one_out:
+                bar.update(phase, advance=1, description="scoring leave-one-out (5 rounds)")
+                loo = evaluator.leave_one_out(captions)
+            bar.update(phase, advance=1, description="scored")
     if args.leave_one_out and loo is None:
         console.print(f"[red]error:[/red] --leave-one-out needs images with at least 5 references; none of the "
                       f"{len(captions)} scored images in {args.annotations} has that many")

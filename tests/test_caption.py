@@ -1,8 +1,12 @@
 """The ``caption`` command and ``Captioner`` API: a checkpoint alone captions a folder of images."""
 
+import fcntl
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +163,64 @@ def test_a_model_of_precomputed_region_features_is_refused_for_image_files(tmp_p
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
     with pytest.raises(ValueError, match="model of precomputed region features .* cannot caption image files"):
         Captioner.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output_format", ["text", "csv", "json"])
+def test_a_file_name_that_is_not_utf8_loses_no_output(attention_checkpoint: Path, tiny_shapes: Path, tmp_path: Path,
+                                                      output_format: str) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    source = sorted((tiny_shapes / "images" / "test").iterdir())[0]
+    raw_name = b"caf\xe9.png"  # Latin-1, as old cameras and archives name files
+    (folder / os.fsdecode(raw_name)).write_bytes(source.read_bytes())
+    (folder / "plain.png").write_bytes(source.read_bytes())
+    output = tmp_path / "captions.out"
+    output.write_text("the previous captions\n")
+    assert main([str(folder), "--checkpoint", str(attention_checkpoint), "--format", output_format,
+                 "--output", str(output)]) == 0
+    written = output.read_bytes()
+    if output_format == "json":
+        files = [os.fsencode(entry["file"]) for entry in json.loads(written)]
+        assert files == [os.fsencode(folder) + b"/" + raw_name, os.fsencode(folder / "plain.png")]
+    else:
+        assert os.fsencode(folder) + b"/" + raw_name in written and b"plain.png" in written
+    assert not list(tmp_path.glob("*.partial"))  # no temporary file left (the lock file stays, by design)
+
+
+@pytest.mark.slow
+def test_two_caption_processes_on_one_output_never_interleave(attention_checkpoint: Path, tiny_shapes: Path,
+                                                              tmp_path: Path) -> None:
+    """The first run holds the output; a second one, started meanwhile, stops at once (exit 2) and says why."""
+    images = sorted((tiny_shapes / "images" / "test").iterdir())[:4]
+    output = tmp_path / "captions.json"
+    command = [sys.executable, "-m", "captioning.cli", "caption", *map(str, images), "--checkpoint",
+               str(attention_checkpoint), "--format", "json", "--output", str(output)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    lock_file = tmp_path / f".{output.name}.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not _held(lock_file):  # wait until the first run has claimed the output ...
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # ... and keep it there while the second one starts
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert second.returncode == 2 and f"another process is writing --output {output}" in second.stderr
+    assert first.returncode == 0, err
+    assert [entry["file"] for entry in json.loads(output.read_text())] == list(map(str, images))
+
+
+def _held(lock_file: Path) -> bool:
+    """Whether another process holds ``lock_file``'s lock (taking and releasing it if not)."""
+    if not lock_file.exists():
+        return False
+    with open(lock_file) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False

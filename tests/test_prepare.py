@@ -232,3 +232,68 @@ def test_the_shared_karpathy_split(shared_data: Path, capsys) -> None:
     assert main(["--format", "karpathy", "--annotations", str(root / "dataset_coco_mini.json"),
                  "--images", str(root), "--split", "val", "test", "--check-only", "--no-progress"]) == 0
     assert "no errors; exit status 0" in capsys.readouterr().out
+
+
+def _coco_part(root: Path, name: str, first_id: int, count: int) -> None:
+    """``root/name.json`` and ``root/name/``: ``count`` clean images with ids from ``first_id`` (as COCO's parts)."""
+    (root / name).mkdir(parents=True)
+    rng = np.random.default_rng(first_id)
+    entries = [{"id": first_id + i, "file_name": f"{name}{i}.jpg"} for i in range(count)]
+    for entry in entries:
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / name / entry["file_name"])
+    (root / f"{name}.json").write_text(json.dumps({
+        "images": entries,
+        "annotations": [{"id": n, "image_id": e["id"], "caption": caption}
+                        for e in entries for n, caption in enumerate(GOOD_CAPTIONS)]}))
+
+
+@pytest.mark.parametrize("train_file", ["train.json", "fewer.json"])
+def test_training_opens_the_cache_prepare_wrote_without_writing_another(tmp_path: Path, monkeypatch,
+                                                                         train_file: str) -> None:
+    """COCO-2017-like: train and val parts prepared in one run into training's default cache folder; training
+    then reads the same images, or fewer (``fewer.json``: the cache of more images serves it)."""
+    from captioning.data.build import build_datamodule
+    from captioning.data.prepare import default_image_cache_dir
+
+    root = tmp_path / "coco"
+    _coco_part(root, "train", 1, 4)
+    _coco_part(root, "val", 101, 2)
+    train = json.loads((root / "train.json").read_text())
+    (root / "fewer.json").write_text(json.dumps({"images": train["images"][:3], "annotations": [
+        a for a in train["annotations"] if a["image_id"] in {i["id"] for i in train["images"][:3]}]}))
+    monkeypatch.setenv("CAPTIONING_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["--format", "coco", "--annotations", str(root / "train.json"), "--images", str(root / "train"),
+                 "--annotations", str(root / "val.json"), "--images", str(root / "val"),
+                 "--image-cache", "--image-size", "32", "--no-progress"]) == 0
+    cache_dir = default_image_cache_dir()
+    assert cache_dir == tmp_path / "cache" / "images"
+    written = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*")}
+    assert [p.name for p in cache_dir.iterdir() if p.is_dir()] and all(
+        p.name.startswith("32px-") for p in cache_dir.iterdir() if p.is_dir())
+
+    datamodule = build_datamodule(root, {"train": {"annotations": train_file, "images": "train"},
+                                         "test": {"annotations": "val.json", "images": "val"}},
+                                  val_from_train=1, image_size=32, batch_size=2, min_word_count=1,
+                                  image_cache=True, image_cache_dir=cache_dir)
+    datamodule.setup("fit")
+    assert datamodule.source.cache.directory.parent == cache_dir
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*")} == written  # nothing added or rewritten
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.images.shape[-2:] == (32, 32)
+
+
+@pytest.mark.parametrize("cache_env", [None, "elsewhere"])
+def test_the_default_cache_folder_is_trainings(tmp_path: Path, monkeypatch, cache_env: str | None) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from captioning.data.prepare import default_image_cache_dir
+
+    monkeypatch.setenv("CAPTIONING_ROOT", str(tmp_path / "project"))
+    if cache_env is None:
+        monkeypatch.delenv("CAPTIONING_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("CAPTIONING_CACHE_DIR", str(tmp_path / cache_env))
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=coco2017"])
+    assert Path(cfg.data.image_cache_dir) == default_image_cache_dir()
+    assert cfg.data.image_size == main.__globals__["TRAINING_IMAGE_SIZE"]

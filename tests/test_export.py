@@ -1,0 +1,126 @@
+"""``captioning export`` and ``caption --onnx``: the exported graphs caption real photos as the checkpoint does."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model
+
+from captioning.caption import Captioner
+from captioning.caption import main as caption_main
+from captioning.checkpoints import load_checkpoint, network_state
+from captioning.export import GRAPH_FILES, SETTINGS_FILE, VOCAB_FILE, WEIGHTS_FILE
+from captioning.export import main as export_main
+from captioning.models.encoder_decoder import build_encoder_decoder
+from captioning.onnx_runtime import onnx_captioner
+from tests.test_caption import attention_checkpoint  # noqa: F401 (a fixture: a tiny trained attention model)
+from tests.test_train import QUICK, _config
+import train
+
+PHOTOS = 40  # real photos captioned by both runtimes, per model and decoding
+
+
+@pytest.fixture(scope="module")
+def show_tell_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path) -> Path:
+    """A tiny Show-and-Tell model (LSTM, image beside every word: its first state is all zeros)."""
+    output = tmp_path_factory.mktemp("show_tell")
+    train.run(_config(output, tiny_shapes.parent, [*QUICK, "test=false", "model=show_tell"]))
+    return output / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module", params=["show_attend_tell", "show_tell"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, its export folder), written by the ``captioning export`` command."""
+    checkpoint = request.getfixturevalue("attention_checkpoint" if request.param == "show_attend_tell"
+                                         else "show_tell_checkpoint")
+    folder = tmp_path_factory.mktemp("export") / request.param
+    assert export_main(["--checkpoint", str(checkpoint), "--output", str(folder)]) == 0
+    return checkpoint, folder
+
+
+def _captions(source: list[str], photos: list[Path], output: Path, *flags: str) -> list[dict]:
+    assert caption_main([*map(str, photos), *source, "--format", "json", "--output", str(output),
+                         "--batch-size", "16", *flags]) == 0
+    return json.loads(output.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoding", [["--beam-size", "1"], ["--beam-size", "3", "--n-best", "3"]],
+                         ids=["greedy", "beam"])
+def test_onnx_captions_real_photos_as_the_checkpoint_does(exported: tuple[Path, Path], shared_data: Path,
+                                                          tmp_path: Path, decoding: list[str]) -> None:
+    checkpoint, folder = exported
+    photos = sorted((shared_data / "coco-val2017-mini" / "val2017").glob("*.jpg"))[:PHOTOS]
+    reference = _captions(["--checkpoint", str(checkpoint)], photos, tmp_path / "torch.json", *decoding)
+    onnx = _captions(["--onnx", str(folder)], photos, tmp_path / "onnx.json", *decoding)
+    assert [r["file"] for r in onnx] == [r["file"] for r in reference] == list(map(str, photos))
+    assert [r["caption"] for r in onnx] == [r["caption"] for r in reference]
+    assert [r["log_prob"] for r in onnx] == pytest.approx([r["log_prob"] for r in reference], abs=1e-3)
+    if "--n-best" in decoding:  # near-tied lower ranks may swap between runtimes; their scores may not move
+        for mine, theirs in zip(onnx, reference):
+            assert len(mine["n_best"]) == 3
+            assert [e["log_prob"] for e in mine["n_best"]] == pytest.approx(
+                [e["log_prob"] for e in theirs["n_best"]], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_onnx_attention_matches_the_checkpoints(exported: tuple[Path, Path], tiny_shapes: Path) -> None:
+    checkpoint, folder = exported
+    images = sorted((tiny_shapes / "images" / "test").iterdir())[:4]
+    reference = Captioner.from_checkpoint(checkpoint, device="cpu", beam_size=2).caption(images)
+    onnx = onnx_captioner(folder, beam_size=2).caption(images)
+    for mine, theirs in zip(onnx, reference):
+        assert mine.words == theirs.words
+        if theirs.attention is None:  # Show and Tell attends to nothing: neither runtime invents maps
+            assert mine.attention is None
+        else:
+            assert mine.attention.shape == theirs.attention.shape == (len(theirs.words), 4, 4)
+            assert abs(mine.attention - theirs.attention).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_export_folder_holds_settings_vocabulary_and_safetensors_weights(exported: tuple[Path, Path]) -> None:
+    checkpoint, folder = exported
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*GRAPH_FILES.values(), SETTINGS_FILE, VOCAB_FILE,
+                                                               WEIGHTS_FILE])
+    hparams = load_checkpoint(checkpoint)["hyper_parameters"]
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    assert json.loads((folder / VOCAB_FILE).read_text()) == list(hparams["vocab"])
+    assert settings["image_size"] == hparams["image_size"]
+    assert settings["encoder"] == dict(hparams["encoder"]) and settings["decoder"] == dict(hparams["decoder"])
+    assert settings["generation"]["beam_size"] == hparams["beam_size"]
+    # the weights file rebuilds the network exactly, with no pickle involved
+    with safe_open(folder / WEIGHTS_FILE, framework="pt") as weights:
+        assert weights.metadata()["source"] == checkpoint.name
+    model = build_encoder_decoder(len(hparams["vocab"]), {**hparams["encoder"], "weights": None},
+                                  hparams["decoder"])
+    load_model(model, folder / WEIGHTS_FILE)
+    expected = network_state(load_checkpoint(checkpoint))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_export_refuses_bad_inputs_and_keeps_other_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing.ckpt"
+    assert export_main(["--checkpoint", str(missing), "--output", str(tmp_path / "out")]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert export_main(["--checkpoint", str(missing), "--output", str(mine)]) == 2
+    assert "holds other files" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit) as stop:
+        export_main(["--output", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_caption_onnx_refuses_a_folder_that_is_no_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    assert caption_main([str(image), "--onnx", str(tmp_path)]) == 2
+    assert "is not an export folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        caption_main([str(image), "--onnx", str(tmp_path), "--checkpoint", "x.ckpt"])
+    assert stop.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -12,6 +12,7 @@ imported only when asked for, so ``captioning --help`` answers without loading t
 
 import importlib
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from captioning.cli_args import EXIT_STATUS_HELP
@@ -33,7 +34,8 @@ def usage() -> str:
             "Image captioning: train with train.py, then use a checkpoint with these commands.\n\n"
             "commands:\n" + "\n".join(lines) + "\n\n"
             "`captioning COMMAND --help` lists a command's flags; the flags they share are named alike\n"
-            "(--checkpoint, --output, --batch-size, --device, --beam-size).\n" + EXIT_STATUS_HELP + "\n")
+            "(--checkpoint, --output, --batch-size, --device, --beam-size).\n\n"
+            + textwrap.fill(EXIT_STATUS_HELP, 100) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

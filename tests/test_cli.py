@@ -52,7 +52,8 @@ def test_the_overview_lists_every_command_and_exit_status_without_importing_torc
     assert "LOADED []" in done.stdout
     for name in ("caption", "evaluate", "prepare", "serve", "export"):
         assert f"  {name} " in done.stdout
-    assert "exit status: 0 done; 1 " in done.stdout and "2 usage or input error" in done.stdout
+    text = " ".join(done.stdout.split())
+    assert "exit status: 0 done; 1 " in text and "2 usage or input error" in text
 
 
 @pytest.mark.slow
@@ -212,6 +213,19 @@ def test_caption_stops_at_once_while_another_process_writes_its_output(run, tmp_
     assert output.read_text() == "the first run's captions\n"
     done = run("caption", str(image), "--checkpoint", str(tmp_path / "absent.ckpt"), "--output", str(output))
     assert done.returncode == 2 and "absent.ckpt" in done.stderr  # once released, the run goes on
+
+
+def test_evaluate_stops_at_once_while_another_process_writes_its_output(run, tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.json"
+    holder = _hold_the_lock(metrics)
+    try:
+        done = run("evaluate", str(tmp_path / "absent.json"), "--annotations", str(tmp_path / "a.json"),
+                   "--output", str(metrics))
+    finally:
+        holder.communicate("")
+    text = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2 and f"another process is writing --output {metrics}" in text
+    assert "absent.json" not in text and not metrics.exists()
 
 
 @pytest.mark.parametrize("flag", ["--output", "--attention-maps"])

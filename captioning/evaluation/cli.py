@@ -20,6 +20,7 @@ cannot be written (found before scoring).
 import argparse
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
@@ -28,7 +29,7 @@ from rich.table import Table
 
 from captioning.data.datasets import load_coco_references, read_json_file
 from captioning.cli_args import EXIT_STATUS_HELP
-from captioning.data.files import check_writable, write_json
+from captioning.data.files import check_writable, write_json, writing_alone
 from captioning.errors import InputError
 from captioning.evaluation.coco import CocoCaptionEvaluator
 from captioning.progress import progress_bar
@@ -74,17 +75,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "reference and the model's caption are both scored against all the image's other "
                              "references (images with fewer than 5 references are left out); prints the "
                              "two side by side and adds human_loo/<metric> and model_loo/<metric> to --output")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is not None and args.output == args.per_image:
+        parser.error("--output and --per-image must be different files")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``evaluate`` command; its outputs are checked and held (no second writer) before anything is read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     args = parse_args(argv)
     console = Console()
+    with ExitStack() as claimed:
+        try:
+            for flag, path in (("--output", args.output), ("--per-image", args.per_image)):
+                if path is not None:
+                    check_writable(path, flag)
+                    claimed.enter_context(writing_alone(path, flag))
+        except InputError as error:
+            console.print(f"[red]error:[/red] {error}")
+            return 2
+        return evaluate(args, console)
+
+
+def evaluate(args: argparse.Namespace, console: Console) -> int:
+    """Score ``args.results``, print the tables and write the outputs; 2 for input that cannot be scored."""
     try:
-        for flag, path in (("--output", args.output), ("--per-image", args.per_image)):
-            if path is not None:
-                check_writable(path, flag)
         captions = load_results(args.results)
         references = load_coco_references(args.annotations)
         unknown = sorted(set(captions) - set(references))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
+from captioning.models.attention import AdditiveAttention
 from captioning.models.decoders import DecoderOutput, ShowAttendTellDecoder, UpDownDecoder
 from captioning.models.encoders import EncodedImages
 from captioning.models.time_batched import TimeBatchedLinear
@@ -33,9 +34,19 @@ def features(rows: int, masked: bool, seed: int = 1) -> EncodedImages:
     return EncodedImages(grid.mean(dim=1), grid, mask)
 
 
+def plain_attention(attention: AdditiveAttention, grid: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor,
+                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Show, Attend and Tell's soft attention as written: softmax(w·tanh(keys + W_h h) + b)."""
+    scores = attention.score(torch.tanh(keys + attention.query_projection(hidden).unsqueeze(1))).squeeze(2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
+    weights = torch.softmax(scores, dim=1)  # (batch, num_pixels)
+    return torch.bmm(weights.unsqueeze(1), grid).squeeze(1), weights
+
+
 def reference_forward(decoder: ShowAttendTellDecoder, encoded: EncodedImages, tokens: torch.Tensor,
                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LSTM layer, the plain way: per step attention, gate, ``nn.LSTMCell`` on ``[embedding; context]``,
+    """One LSTM layer, the plain way: per step attention (with tanh), gate, ``nn.LSTMCell`` on ``[embedding; context]``,
     dropout and the output layer, written into zero buffers in the captions' order."""
     prepared = decoder.prepare(encoded)
     steps = lengths - 1
@@ -48,7 +59,7 @@ def reference_forward(decoder: ShowAttendTellDecoder, encoded: EncodedImages, to
         active = int((steps > t).sum())
         rows = prepared.select(slice(0, active))
         hidden, cell = hidden[:active], cell[:active]
-        context, weights = decoder.attention(rows.annotations, rows.keys, hidden, rows.mask)
+        context, weights = plain_attention(decoder.attention, rows.annotations, rows.keys, hidden, rows.mask)
         if decoder.gate is not None:
             context = torch.sigmoid(decoder.gate(hidden)) * context
         layer_input = torch.cat([decoder.embedding(sorted_tokens[:active, t]), context], dim=1)
@@ -153,3 +164,14 @@ def test_time_batched_linear_gives_autograds_gradients() -> None:
     batched = TimeBatchedLinear(weight, bias)
     for got, want in zip(run(batched), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_attention_with_sigmoid_equals_tanh_attention_in_float32() -> None:
+    """The sigmoid form of the attention scores is the tanh form to float32 rounding."""
+    torch.manual_seed(0)
+    attention = AdditiveAttention(32, 24, 40)
+    grid, hidden = torch.randn(5, 11, 32), torch.randn(5, 24)
+    mask = torch.arange(11) < torch.tensor([11, 3, 7, 1, 11]).unsqueeze(1)
+    keys = attention.project(grid)
+    for got, want in zip(attention(grid, keys, hidden, mask), plain_attention(attention, grid, keys, hidden, mask)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -1,6 +1,7 @@
 """Soft attention over a grid or regions (Show, Attend and Tell, Xu et al., 2015) and its context encoder."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -35,7 +36,11 @@ class AdditiveAttention(nn.Module):
                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` from the projected query (batch, attention_dim), for decoders that compute it
         in one product with other projections of the same hidden state."""
-        scores = self.score(torch.tanh(keys + query.unsqueeze(1))).squeeze(2)  # (batch, num_pixels)
+        # w·tanh(z) + b computed as 2w·sigmoid(2z) + (b - Σw): the same function, but torch's CPU sigmoid
+        # costs a fraction of its tanh, and this (batch, num_pixels, attention_dim) is the step's largest tensor
+        squashed = (keys + query.unsqueeze(1)).mul_(2).sigmoid_()  # (batch, num_pixels, attention_dim)
+        weight, bias = self.score.weight, self.score.bias  # (1, attention_dim), (1,)
+        scores = F.linear(squashed, 2 * weight, bias - weight.sum(dim=1)).squeeze(2)  # (batch, num_pixels)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf)
         weights = torch.softmax(scores, dim=1)  # (batch, num_pixels)

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from captioning.errors import check_choice
 from captioning.models.attention import AdditiveAttention, BidirectionalContext
 from captioning.models.encoders import EncodedImages
-from captioning.models.time_batched import TimeBatchedLinear
+from captioning.models.time_batched import SharedRows, TimeBatchedLinear
 
 State = tuple[torch.Tensor, ...]
 
@@ -332,9 +332,12 @@ class _StepwiseAttentionDecoder(nn.Module):
         sorted_features, sorted_real = features.select(order), real[order]
         active_per_step = sorted_real.sum(dim=0)  # (max_steps,): the running captions, a prefix of the sorted ones
         # every word's input at once, step-major: step t's rows are its running captions, longest first
-        word_inputs = self._word_inputs(tokens[order, :max_steps].t()[sorted_real.t()])  # (words, ...)
+        word_inputs = SharedRows(self._word_inputs(tokens[order, :max_steps].t()[sorted_real.t()]))  # (words, ...)
         recurrence = self._recurrence(time_batched=torch.is_grad_enabled())
         state = self.init_state(sorted_features)
+        # the running captions' rows of every per-image tensor, gradients summed in place across steps
+        shared = [None if part is None else SharedRows(part) for part in (
+            sorted_features.global_features, sorted_features.annotations, sorted_features.keys)]
         hiddens: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
         start = 0
@@ -342,8 +345,9 @@ class _StepwiseAttentionDecoder(nn.Module):
             if active == 0:
                 break
             state = tuple(part[:, :active] for part in state)
-            hidden, state, weights = recurrence(word_inputs[start:start + active], state,
-                                                sorted_features.select(slice(0, active)))
+            running = PreparedImages(*(None if part is None else part(0, active) for part in shared),
+                                     None if sorted_features.mask is None else sorted_features.mask[:active])
+            hidden, state, weights = recurrence(word_inputs(start, start + active), state, running)
             hiddens.append(hidden)  # (active, hidden_size), after dropout
             attentions.append(weights)  # (active, num_pixels)
             start += active

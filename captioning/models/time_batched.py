@@ -1,10 +1,16 @@
-"""A linear layer applied at every step of a recurrence whose weight gradient is computed once, over all steps.
+"""Per-step pieces of a recurrence whose gradients are gathered once per pass instead of at every step.
+
+``TimeBatchedLinear``: a linear layer applied at every step, whose weight gradient is computed once, over all steps.
 
 Autograd would compute ``grad_y_t^T x_t`` at every step (a matrix as large as the weight from a few
 dozen rows) and add it into the weight's gradient: on a CPU that is memory traffic, not arithmetic.
 ``TimeBatchedLinear`` keeps each step's input and, in backward, each step's output gradient, and
 forms the weight's gradient as one large product ``G^T X`` once every step has been through backward.
 The input gradients are computed per step as usual, so the recurrence's backward is unchanged.
+
+``SharedRows``: row ranges of one tensor read at every step (the running captions' keys), whose
+gradients are added in place into one buffer; autograd would build a zero tensor of the whole
+size for every slice and then add them all up.
 
 Not for double backward (``create_graph=True``).
 """
@@ -66,3 +72,45 @@ class _StepLinear(torch.autograd.Function):
         owner.output_grads[ctx.index] = grad_output
         grad_input = grad_output.mm(owner.weight) if ctx.needs_input_grad[0] else None  # (rows, in_features)
         return grad_input, grad_output.new_zeros(()), None
+
+
+class SharedRows:
+    """``source[start:stop]`` at every step of one forward pass; build a new one for every pass."""
+
+    def __init__(self, source: torch.Tensor) -> None:
+        self.source = source
+        self.grad: torch.Tensor | None = None  # the sum of every step's gradient, as backward reaches them
+        needs_grad = torch.is_grad_enabled() and source.requires_grad
+        self._token = _GatherRowGrads.apply(source, self) if needs_grad else None
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        if self._token is None:
+            return self.source[start:stop]
+        return _Rows.apply(self._token, self, start, stop)
+
+
+class _GatherRowGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, source: torch.Tensor, owner: SharedRows) -> torch.Tensor:
+        ctx.owner = owner
+        return source.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        grad, ctx.owner.grad = ctx.owner.grad, None
+        return grad, None
+
+
+class _Rows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, token: torch.Tensor, owner: SharedRows, start: int, stop: int) -> torch.Tensor:
+        ctx.owner, ctx.start, ctx.stop = owner, start, stop
+        return owner.source[start:stop]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        owner: SharedRows = ctx.owner
+        if owner.grad is None:
+            owner.grad = torch.zeros_like(owner.source)
+        owner.grad[ctx.start:ctx.stop] += grad_output
+        return grad_output.new_zeros(()), None, None, None

@@ -1,7 +1,7 @@
-"""Caption your own images from a checkpoint alone (CLI ``caption`` and Python API).
+"""Caption your own images from a checkpoint alone (CLI ``captioning caption``, alias ``caption``, and Python API).
 
-    caption photos/ more/*.jpg --checkpoint best.ckpt --beam-size 3 --format json --output captions.json
-    caption photo.jpg --checkpoint best.ckpt --beam-size 5 --n-best 3   # the 3 best captions each
+    captioning caption photos/ more/*.jpg --checkpoint best.ckpt --beam-size 3 --format json --output captions.json
+    captioning caption photo.jpg --checkpoint best.ckpt --beam-size 5 --n-best 3   # the 3 best captions each
 
     from captioning.caption import Captioner
     results = Captioner.from_checkpoint("best.ckpt").caption(["a.jpg", "b.jpg"])
@@ -36,7 +36,7 @@ from rich.progress import track
 from captioning.checkpoints import check_finite, describe, load_checkpoint, network_state
 from captioning.cli_args import EXIT_STATUS_HELP, non_negative_float, positive_int
 from captioning.data.datasets import IMAGE_EXTENSIONS
-from captioning.data.files import check_writable, write_text, writing_alone
+from captioning.data.files import check_writable, replacing, write_text, writing_alone
 from captioning.data.images import BadImageError, ImageInput, load_image, open_rgb
 from captioning.data.tokenize import detokenize
 from captioning.data.transforms import build_image_transform
@@ -224,7 +224,8 @@ def save_attention_map(result: CaptionResult, output: Path) -> None:
         axis.imshow(np.asarray(heat.resize((width, height), Image.BILINEAR)), cmap="jet", alpha=0.5)
         axis.set_title(word, fontsize=10)
     figure.tight_layout()
-    figure.savefig(output, dpi=80)
+    with replacing(output) as partial:
+        figure.savefig(partial, dpi=80, format="png")
     plt.close(figure)
 
 

@@ -269,4 +269,4 @@ def test_evaluate_writes_its_outputs_whole(run, tmp_path: Path) -> None:
     done = run("evaluate", str(results), "--annotations", str(annotations), "--no-spice", "--output", str(metrics))
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(metrics.read_text())["Bleu_1"] > 0.9
-    assert sorted(p.name for p in metrics.parent.iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in metrics.parent.iterdir()) == [".metrics.json.lock", "metrics.json"]

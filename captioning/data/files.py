@@ -111,23 +111,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text(path: Path, text: str, errors: str = "strict") -> None:
-    """Write UTF-8 to a temporary file of this writer's own beside ``path``, then rename it over ``path``.
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path of this writer's own beside ``path``, renamed over ``path`` when the block succeeds.
 
-    A reader (or a crash) sees the old file or the whole new one, never a truncated one. The text is
-    encoded before any file is touched, so an encoding error (``errors="strict"``) leaves ``path`` as
-    it was; ``errors="surrogateescape"`` writes file names that are not UTF-8 back as their own bytes.
+    A reader (or a crash) sees the old file or the whole new one, never a truncated one; a failed
+    block leaves ``path`` as it was and removes the temporary file. The name is unique to the
+    process and call, so two writers never share one.
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str, errors: str = "strict") -> None:
+    """Write ``text`` as UTF-8 through ``replacing``: the old file or the whole new one, never half.
+
+    The text is encoded before any file is touched, so an encoding error (``errors="strict"``)
+    leaves ``path`` as it was; ``errors="surrogateescape"`` writes file names that are not UTF-8
+    back as their own bytes.
     """
     data = text.encode("utf-8", errors)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with replacing(path) as partial, open(partial, "xb") as handle:  # created with the umask, as open() does
+        handle.write(data)
 
 
 def write_json(path: Path, data: Any) -> None:

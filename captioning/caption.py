@@ -52,6 +52,8 @@ class CaptionResult:
     """One image's caption; ``attention`` (words, grid, grid) for attention models, per generated word.
 
     ``n_best`` holds the captioner's best (caption, log-probability) pairs, best (``caption``) first.
+    ``image_id``: the dataset's id of the image, where it has one (``trainer.predict`` over this project's
+    data loaders).
     """
 
     file: str
@@ -60,10 +62,11 @@ class CaptionResult:
     words: list[str]
     attention: np.ndarray | None = None
     n_best: list[tuple[str, float]] = field(default_factory=list)
+    image_id: int | None = None
 
     @classmethod
-    def from_decoded(cls, decoded: DecodedCaptions, vocab: Vocabulary, names: Sequence[str], per_image: int
-                     ) -> list["CaptionResult"]:
+    def from_decoded(cls, decoded: DecodedCaptions, vocab: Vocabulary, names: Sequence[str], per_image: int,
+                     image_ids: Sequence[int] | None = None) -> list["CaptionResult"]:
         """One result per image of ``generate``'s output (``per_image`` rows each, image-major, best first)."""
         results = []
         for image, name in enumerate(names):
@@ -76,7 +79,8 @@ class CaptionResult:
                 weights = decoded.attention[rows[0], :len(words)].float().cpu().numpy()  # (words, num_pixels)
                 grid = math.isqrt(weights.shape[1])
                 attention = weights.reshape(len(words), grid, grid)
-            results.append(cls(name, n_best[0][0], n_best[0][1], words, attention, n_best))
+            results.append(cls(name, n_best[0][0], n_best[0][1], words, attention, n_best,
+                               None if image_ids is None else image_ids[image]))
         return results
 
     def as_dict(self, with_n_best: bool = False) -> dict:

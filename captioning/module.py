@@ -194,15 +194,17 @@ class CaptioningLitModule(pl.LightningModule):
     def predict_step(self, batch: CaptionBatch | torch.Tensor | None, batch_idx: int) -> list[CaptionResult]:
         """Captions for ``trainer.predict(model, loader)``, decoded as validation decodes (``generation``).
 
-        ``batch``: a ``CaptionBatch`` (this project's data loaders; results are named by image id,
-        ``file`` "<image id 42>") or a (batch, 3, s, s) tensor of pixels in [0, 1] at the trained
+        ``batch``: a ``CaptionBatch`` (this project's data loaders; results carry the ``image_id``, and
+        ``file`` names it: "<image id 42>") or a (batch, 3, s, s) tensor of pixels in [0, 1] at the trained
         ``image_size``, as ``build_image_transform`` makes them (named "<batch 3 image 0>").
         """
         if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
             return []
+        image_ids = None
         if isinstance(batch, CaptionBatch):
             features = self.encode_batch(batch)
-            names = [f"<image id {image_id}>" for image_id in batch.image_ids.tolist()]
+            image_ids = batch.image_ids.tolist()
+            names = [f"<image id {image_id}>" for image_id in image_ids]
         elif isinstance(batch, torch.Tensor) and batch.dim() == 4:
             features = self.net.encode(batch)
             names = [f"<batch {batch_idx} image {row}>" for row in range(batch.shape[0])]
@@ -210,7 +212,7 @@ class CaptioningLitModule(pl.LightningModule):
             raise TypeError(f"predict_step takes a CaptionBatch or a (batch, 3, H, W) tensor of pixels, got "
                             f"{type(batch).__name__}{'' if not isinstance(batch, torch.Tensor) else tuple(batch.shape)}")
         decoded = generate(self.net.decoder, features, self.vocab, self.generation)
-        return CaptionResult.from_decoded(decoded, self.vocab, names, self.generation.n_best)
+        return CaptionResult.from_decoded(decoded, self.vocab, names, self.generation.n_best, image_ids)
 
     def _record_losses(self, batch: CaptionBatch, features: PreparedImages) -> None:
         """Each image's summed reference NLL and word count, kept by image id (a DDP sampler's

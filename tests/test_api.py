@@ -128,16 +128,16 @@ def test_trainer_predict_gives_the_captioners_captions(trained: tuple[Path, Path
     predicted = [r for batch in trainer.predict(module, DataLoader(pixels, batch_size=2)) for r in batch]
     expected = captioner.caption(files, batch_size=2)  # batched alike, so equal to the last bit
     assert [r.n_best for r in predicted] == [r.n_best for r in expected]
-    assert predicted[2].file == "<batch 1 image 0>"
+    assert predicted[2].file == "<batch 1 image 0>" and predicted[2].image_id is None
 
     # the project's own data loaders: results named by image id, the same captions as the files give
     datamodule = instantiate(_config(output, tiny_shapes.parent, QUICK).data)
     datamodule.prepare_data()
     datamodule.setup("predict")
-    by_id = {int(r.file.removeprefix("<image id ").rstrip(">")): r
-             for batch in trainer.predict(module, datamodule.test_dataloader()) for r in batch}
+    by_id = {r.image_id: r for batch in trainer.predict(module, datamodule.test_dataloader()) for r in batch}
     images = datamodule.corpus.images["test"]
     assert sorted(by_id) == sorted(image.image_id for image in images)
+    assert all(r.file == f"<image id {image_id}>" for image_id, r in by_id.items())
     from_files = captioner.caption([image.path for image in images], batch_size=datamodule.batch_size)
     assert [by_id[image.image_id].n_best for image in images] == [r.n_best for r in from_files]
 

@@ -150,7 +150,7 @@ def pil_rgb(image: Image.Image, name: str) -> Image.Image:
     """An in-memory PIL image as ``open_rgb`` would have made it from its file: upright (by the EXIF
     orientation it still carries, if any) and RGB."""
     path = Path(name)
-    with _reading(path, 1):
+    with _reading(path, size=1):  # already identified: only its (lazy) decoding can fail; no file to look at
         _check_header(image, path)
         image.load()
         return _upright_rgb(image)[0]

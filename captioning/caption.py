@@ -368,8 +368,13 @@ def _write_results(text: str, output: Path | None) -> None:
     try:
         sys.stdout.write(text)
     except UnicodeEncodeError:  # a file name that is not valid in the terminal's encoding
+        encoding = sys.stdout.encoding or "utf-8"
+        try:
+            data = text.encode(encoding, "surrogateescape")  # the name's own bytes, as ls prints them
+        except UnicodeEncodeError:
+            data = text.encode(encoding, "backslashreplace")
         sys.stdout.flush()
-        sys.stdout.buffer.write(text.encode(sys.stdout.encoding or "utf-8", "backslashreplace"))
+        sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
 

@@ -1,6 +1,7 @@
 """The ``caption`` command and ``Captioner`` API: a checkpoint alone captions a folder of images."""
 
 import fcntl
+import io
 import json
 import os
 import signal
@@ -224,3 +225,16 @@ def _held(lock_file: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+@pytest.mark.parametrize(("encoding", "expected"), [("utf-8", b"caf\xe9.png\ta cat\n"),
+                                                    ("ascii", b"caf\\udce9.png\ta cat \\xe9\n")])
+def test_standard_output_takes_file_names_that_are_not_utf8(monkeypatch, encoding: str, expected: bytes) -> None:
+    from captioning.caption import _write_results
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+    monkeypatch.setattr(sys, "stdout", stream)
+    extra = " \xe9" if encoding == "ascii" else ""  # a character the terminal's encoding lacks: all escaped
+    _write_results(f"{os.fsdecode(b'caf' + bytes([0xe9]) + b'.png')}\ta cat{extra}\n", None)
+    stream.flush()
+    assert stream.buffer.getvalue() == expected

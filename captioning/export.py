@@ -152,7 +152,9 @@ def export_model(checkpoint: Path, output: Path) -> dict[str, Any]:
         (staging / WEIGHTS_FILE).chmod(staging.stat().st_mode & 0o666)  # safetensors writes it private (0600)
         exported = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": checkpoint.name,
-            "image_size": size, "encoder": settings["encoder"], "decoder": settings["decoder"],
+            # the weights file holds every weight: building the encoder must load (or download) none
+            "image_size": size, "encoder": {**settings["encoder"], "weights": None, "weights_path": None},
+            "decoder": settings["decoder"],
             # the run's decoding, as a checkpoint stores it (GenerationSettings.from_hparams reads it back)
             "generation": {key: settings[key] for key in HPARAM_FIELDS if settings.get(key) is not None},
             "prepared": names, "state_parts": len(state), "attention": attention, "graphs": graphs,

@@ -89,13 +89,13 @@ def test_export_folder_holds_settings_vocabulary_and_safetensors_weights(exporte
     settings = json.loads((folder / SETTINGS_FILE).read_text())
     assert json.loads((folder / VOCAB_FILE).read_text()) == list(hparams["vocab"])
     assert settings["image_size"] == hparams["image_size"]
-    assert settings["encoder"] == dict(hparams["encoder"]) and settings["decoder"] == dict(hparams["decoder"])
+    assert settings["encoder"] == {**hparams["encoder"], "weights": None, "weights_path": None}  # weights: ours
+    assert settings["decoder"] == dict(hparams["decoder"])
     assert settings["generation"]["beam_size"] == hparams["beam_size"]
     # the weights file rebuilds the network exactly, with no pickle involved
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as weights:
         assert weights.metadata()["source"] == checkpoint.name
-    model = build_encoder_decoder(len(hparams["vocab"]), {**hparams["encoder"], "weights": None},
-                                  hparams["decoder"])
+    model = build_encoder_decoder(len(hparams["vocab"]), settings["encoder"], settings["decoder"])
     load_model(model, folder / WEIGHTS_FILE)
     expected = network_state(load_checkpoint(checkpoint))
     for name, tensor in model.state_dict().items():

@@ -39,6 +39,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import captioning.module
+from captioning.checkpoints import load_data
 from captioning.data.build import build_datamodule
 from captioning.data.datamodule import CaptionDataModule
 from captioning.data.shapes import ShapesConfig, ensure_shapes_dataset
@@ -163,7 +164,7 @@ def train_worker(args: argparse.Namespace) -> None:
 def validate_worker(args: argparse.Namespace) -> None:
     """One validation (rank 0 also launches rank 1); each rank writes its timings and metrics."""
     data, model = build(args)
-    model.load_state_dict(torch.load(args.weights, weights_only=True))
+    model.load_state_dict(load_data(args.weights, "--weights"))  # data only, errors in plain words
     loop, epoch_end = LoopTimer(), EpochEndTimer()
     trainer = pl.Trainer(devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", callbacks=[loop],
                          **TRAINER_SETTINGS)

@@ -54,6 +54,20 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint", *, lightn
     ``CheckpointError`` (``CheckpointNotFoundError`` for a missing file) with a message naming the
     file and the problem.
     """
+    checkpoint = load_data(path, what)
+    _check_contents(checkpoint, describe(os.fspath(path), what), lightning=lightning, resume=resume)
+    return checkpoint
+
+
+def load_data(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """Whatever torch-saved data is at local ``path`` (a checkpoint, or a plain state dict of weights), read as
+    data only (``weights_only=True``) onto the CPU; ``CheckpointError`` naming the file and the problem otherwise.
+
+    ``load_checkpoint`` is this plus the checks of a captioning checkpoint; plain weight files (the
+    benchmarks' ``--weights``) are read with this alone. (``captioning/models`` may not import this
+    module, so ``model.encoder.weights_path`` is read by ``backbones.py`` with the same ``weights_only``
+    rule and its own plain-words error.)
+    """
     text = os.fspath(path)
     label = describe(text, what)
     if _URL.match(text):
@@ -75,7 +89,6 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint", *, lightn
         if isinstance(error, OSError) and not os.access(file, os.R_OK):
             raise CheckpointError(f"{label} cannot be read: {error.strerror or error}") from None
         raise CheckpointError(f"{label} {_why_unreadable(file, error)}") from None
-    _check_contents(checkpoint, label, lightning=lightning, resume=resume)
     return checkpoint
 
 

@@ -27,6 +27,8 @@ LOWEST: dict[str, int | float] = {
     "model.optimizer.lr": 0.0,
     "model.encoder_lr": 0.0,
     "trainer.max_epochs": -1,
+    "trainer.strategy.peer_timeout_s": 0.0,  # trainer=ddp's watchdog (0: off)
+    "trainer.strategy.timeout.seconds": 1.0,
 }
 
 

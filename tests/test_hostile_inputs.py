@@ -5,6 +5,7 @@ import http.server
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from captioning.callbacks import NonFiniteGuard, NonFiniteTrainingError
 from captioning.caption import Captioner, main as caption_main
-from captioning.checkpoints import CheckpointError, CheckpointNotFoundError, load_checkpoint
+from captioning.checkpoints import CheckpointError, CheckpointNotFoundError, load_checkpoint, load_data
 from captioning.data.datasets import AnnotationError, load_annotations, load_image_folder, load_karpathy_split
 from captioning.data.files import locked, write_json
 from captioning.data.images import BadImageError, open_rgb, probe_image
@@ -626,3 +627,38 @@ def test_a_killed_shapes_generation_leaves_nothing_behind_the_next_run(tmp_path:
     assert not any(tmp_path.glob(".shapes.tmp-*")) and not any(tmp_path.glob(".shapes.stale-*"))
     assert unrelated.is_dir()  # another dataset's folder is not this generator's to remove
     assert verify_shapes_dataset(root, TINY_SHAPES)
+
+
+# ---- an encoder weights file (model.encoder.weights_path) is read as data only, its errors in plain words ----
+
+@pytest.mark.parametrize("kind", ["random_bytes", "truncated", "empty", "pickle_with_code", "torch_zip_with_code"])
+def test_an_encoder_weights_file_is_read_as_data_only_and_named(tmp_path: Path, kind: str) -> None:
+    from captioning.models.encoders import CNNEncoder
+
+    path = BAD_FILES[kind][0](tmp_path)
+    with pytest.raises(ValueError) as caught:
+        CNNEncoder("resnet18", weights_path=path)
+    _assert_refused(str(caught.value), path, "cannot be read as a state dict of tensors", tmp_path)
+
+
+def test_load_data_reads_a_plain_state_dict_but_never_code(tmp_path: Path) -> None:
+    path = _pickle_with_code(tmp_path)
+    with pytest.raises(CheckpointError) as caught:
+        load_data(path, "--weights")
+    _assert_refused(str(caught.value), path, "a checkpoint is data, never code", tmp_path)
+    weights = _plain_state_dict(tmp_path)
+    assert load_data(weights, "--weights").keys() == {"weight", "bias"}  # a plain state dict is fine here
+
+
+# ---- trainer=ddp's timeouts: out of range is named before anything loads ----
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("trainer.strategy.peer_timeout_s=-1", "trainer.strategy.peer_timeout_s must be a number >= 0.0, got -1"),
+    ("trainer.strategy.timeout.seconds=0", "trainer.strategy.timeout.seconds must be a number >= 1.0, got 0"),
+])
+def test_ddp_timeouts_out_of_range_are_named(tmp_path: Path, override: str, expected: str) -> None:
+    from captioning.config import ConfigError, check_config
+
+    cfg = _config(tmp_path, tmp_path / "data", ["trainer=ddp", override])
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_config(cfg)

@@ -92,8 +92,13 @@ def _load_file(model: nn.Module, weights_path: str | Path, by_position: bool) ->
     """Load a state-dict file; ``by_position`` maps tensors in order (for renamed ports of a model)."""
     path = Path(weights_path)
     if not path.is_file():
-        raise FileNotFoundError(f"encoder weights_path {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"encoder weights_path {path} does not exist or is not a regular file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's text would advise weights_only=False: never pass it on
+        raise ValueError(f"encoder weights_path {path} cannot be read as a state dict of tensors: it is truncated, "
+                         "in another format, or holds objects other than tensors (never loaded: a weights file is "
+                         "data, not code)") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict of tensors")
     if by_position:

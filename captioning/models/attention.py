@@ -6,6 +6,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
+SCORE_CHUNK_ELEMENTS = 1 << 17  # 512 KB of float32 per chunk of attention scores: within a core's L2 cache
+
+
 class AdditiveAttention(nn.Module):
     """Additive (Bahdanau) attention: weights over grid cells from the decoder's hidden state.
 
@@ -36,16 +39,39 @@ class AdditiveAttention(nn.Module):
                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` from the projected query (batch, attention_dim), for decoders that compute it
         in one product with other projections of the same hidden state."""
-        # w·tanh(z) + b computed as 2w·sigmoid(2z) + (b - Σw): the same function, but torch's CPU sigmoid
-        # costs a fraction of its tanh, and this (batch, num_pixels, attention_dim) is the step's largest tensor
-        squashed = (keys + query.unsqueeze(1)).mul_(2).sigmoid_()  # (batch, num_pixels, attention_dim)
-        weight, bias = self.score.weight, self.score.bias  # (1, attention_dim), (1,)
-        scores = F.linear(squashed, 2 * weight, bias - weight.sum(dim=1)).squeeze(2)  # (batch, num_pixels)
+        scores = self._scores(keys, query)  # (batch, num_pixels)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf)
         weights = torch.softmax(scores, dim=1)  # (batch, num_pixels)
         context = torch.bmm(weights.unsqueeze(1), grid).squeeze(1)  # (batch, encoder_dim)
         return context, weights
+
+    def _scores(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """w·tanh(keys + query) + b, computed as 2w·sigmoid(2z) + (b - Σw): the same function, but torch's CPU
+        sigmoid costs a fraction of its tanh, and z (batch, num_pixels, attention_dim) is a step's largest tensor.
+
+        Without autograd on a CPU (decoding), z is made a few rows at a time in one small buffer that stays
+        in the CPU's caches: a beam search's hundreds of rows would otherwise allocate and stream tens
+        of MB per step.
+        """
+        weight, bias = 2 * self.score.weight[0], self.score.bias - self.score.weight.sum()  # (attention_dim,), (1,)
+        rows, pixels, attention_dim = keys.shape
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (pixels * attention_dim))
+        if torch.is_grad_enabled() or keys.device.type != "cpu" or _tracing():
+            return torch.matmul((keys + query.unsqueeze(1)).mul_(2).sigmoid_(), weight) + bias
+        scores = keys.new_empty(rows, pixels)
+        buffer = keys.new_empty(chunk, pixels, attention_dim)
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            squashed = torch.add(keys[start:stop], query[start:stop].unsqueeze(1), out=buffer[:stop - start])
+            torch.matmul(squashed.mul_(2).sigmoid_(), weight, out=scores[start:stop])
+        return scores.add_(bias)
+
+
+def _tracing() -> bool:
+    """Recording a graph (ONNX export, TorchScript, torch.compile), where a Python loop over rows would be
+    fixed to the example's batch size."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class BidirectionalContext(nn.Module):

@@ -58,12 +58,15 @@ class RankWatchdog:
         """A normal end: stop watching, then say so; rank 0 (whose process holds the store) waits until
         every rank has, so that none of them finds the store gone and takes it for rank 0's death."""
         self._halt()
-        self._store.set(f"{self._keys}/done/{self.rank}", "1")
-        if self.rank == 0:
-            deadline = time.monotonic() + self.peer_timeout_s
-            while time.monotonic() < deadline and not self._store.check(
-                    [f"{self._keys}/done/{peer}" for peer in range(1, self.world_size)]):
-                time.sleep(self.interval / 4)
+        try:
+            self._store.set(f"{self._keys}/done/{self.rank}", "1")
+            if self.rank == 0:
+                deadline = time.monotonic() + self.peer_timeout_s
+                while time.monotonic() < deadline and not self._store.check(
+                        [f"{self._keys}/done/{peer}" for peer in range(1, self.world_size)]):
+                    time.sleep(self.interval / 4)
+        except (RuntimeError, OSError) as error:  # the work is done: a store gone now only costs the hand-over
+            log.warning("rank %d finished, but could not tell the other ranks: %s", self.rank, error)
 
     def failed(self, exception: BaseException) -> None:
         """This rank stops on an exception: tell the others (they may be waiting for it in a collective).

@@ -51,8 +51,9 @@ class _GatherWeightGrad(torch.autograd.Function):
         reached = sorted(owner.output_grads)
         if not reached:
             return None, None, None
-        grads = torch.cat([owner.output_grads[i] for i in reached])  # (rows over all steps, out_features)
-        inputs = torch.cat([owner.inputs[i] for i in reached])  # (rows over all steps, in_features)
+        dtype = owner.weight.dtype  # under autocast the steps ran in a lower precision
+        grads = torch.cat([owner.output_grads[i].to(dtype) for i in reached])  # (rows over all steps, out_features)
+        inputs = torch.cat([owner.inputs[i].to(dtype) for i in reached])  # (rows over all steps, in_features)
         owner.inputs, owner.output_grads = [], {}
         weight_grad = grads.t().mm(inputs) if ctx.needs_input_grad[0] else None  # (out_features, in_features)
         bias_grad = grads.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[1] else None
@@ -62,7 +63,7 @@ class _GatherWeightGrad(torch.autograd.Function):
 class _StepLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, token: torch.Tensor, owner: TimeBatchedLinear) -> torch.Tensor:
-        ctx.owner, ctx.index = owner, len(owner.inputs)
+        ctx.owner, ctx.index, ctx.input_dtype = owner, len(owner.inputs), x.dtype
         owner.inputs.append(x)
         return F.linear(x, owner.weight, owner.bias)
 
@@ -70,7 +71,9 @@ class _StepLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, None]:
         owner: TimeBatchedLinear = ctx.owner
         owner.output_grads[ctx.index] = grad_output
-        grad_input = grad_output.mm(owner.weight) if ctx.needs_input_grad[0] else None  # (rows, in_features)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.mm(owner.weight.to(grad_output.dtype)).to(ctx.input_dtype)  # (rows, in_features)
         return grad_input, grad_output.new_zeros(()), None
 
 

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
+    """The overview ``captioning --help`` prints: built here, so no subcommand module is imported for it."""
     width = max(map(len, SUBCOMMANDS))
     lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
     return ("usage: captioning {" + ",".join(SUBCOMMANDS) + "} [--help] ...\n\n"

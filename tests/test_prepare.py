@@ -286,7 +286,7 @@ def test_training_opens_the_cache_prepare_wrote_without_writing_another(tmp_path
 def test_the_default_cache_folder_is_trainings(tmp_path: Path, monkeypatch, cache_env: str | None) -> None:
     from hydra import compose, initialize_config_dir
 
-    from captioning.data.prepare import default_image_cache_dir
+    from captioning.data.prepare import TRAINING_IMAGE_SIZE, default_image_cache_dir
 
     monkeypatch.setenv("CAPTIONING_ROOT", str(tmp_path / "project"))
     if cache_env is None:
@@ -296,4 +296,4 @@ def test_the_default_cache_folder_is_trainings(tmp_path: Path, monkeypatch, cach
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["data=coco2017"])
     assert Path(cfg.data.image_cache_dir) == default_image_cache_dir()
-    assert cfg.data.image_size == main.__globals__["TRAINING_IMAGE_SIZE"]
+    assert cfg.data.image_size == TRAINING_IMAGE_SIZE  # prepare's default size is the one training opens

@@ -261,9 +261,33 @@ def explain_unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def explain_unwritable_run_dir(argv: list[str]) -> str | None:
+    """A message when the folder that will hold the run folder (``hydra.run.dir``) cannot be written, else None.
+
+    Hydra creates the run folder before ``main`` runs and answers a read-only or impossible place with
+    a traceback; this finds it first. The run folder itself is not created here (its name holds the
+    second Hydra resolves it at), only its parent, as Hydra would.
+    """
+    if any(arg in ("-m", "--multirun") or arg.startswith(("--cfg", "--help", "-h")) for arg in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    from captioning.data.files import check_writable
+    from captioning.errors import InputError
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[arg for arg in argv if not arg.startswith("-")], return_hydra_config=True)
+    run_dir = Path(cfg.hydra.run.dir)
+    try:
+        check_writable(run_dir.parent, f"hydra.run.dir={run_dir}: its folder", folder=True)
+    except InputError as error:
+        return str(error)
+    return None
+
+
 if __name__ == "__main__":
-    message = explain_unknown_override(sys.argv[1:])
+    message = explain_unknown_override(sys.argv[1:]) or explain_unwritable_run_dir(sys.argv[1:])
     if message is not None:
-        Console(stderr=True).print(f"[red]error:[/red] {message}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # paths stay whole
         sys.exit(2)
     main()

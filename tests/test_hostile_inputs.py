@@ -662,3 +662,17 @@ def test_ddp_timeouts_out_of_range_are_named(tmp_path: Path, override: str, expe
     cfg = _config(tmp_path, tmp_path / "data", ["trainer=ddp", override])
     with pytest.raises(ConfigError, match=re.escape(expected)):
         check_config(cfg)
+
+
+# ---- a run folder that cannot be created is named before Hydra's traceback ----
+
+@pytest.mark.parametrize("place", ["under_a_file", "under_proc"])
+def test_an_unwritable_run_folder_is_named_in_one_line(tmp_path: Path, place: str) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    run_dir = tmp_path / "a_file" / "run" if place == "under_a_file" else Path("/proc/no-such-thing/run")
+    completed = _train_py("trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", timeout=120)
+    message = _one_line(completed.stderr)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    assert f"hydra.run.dir={run_dir}: its folder {run_dir.parent}" in message
+    assert ("is a file, not a folder" if place == "under_a_file" else "cannot be written") in message

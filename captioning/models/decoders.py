@@ -287,28 +287,32 @@ class _StepwiseAttentionDecoder(nn.Module):
     Captions are sorted by length and the active batch shrinks as captions end, so no step
     computes on padding. What does not depend on the recurrent state runs outside the loop, once
     over all words: the word inputs (``_word_inputs``) before it, the output layer after it. Subclasses
-    define ``embedding``, ``output``, ``_prepare_regions``, ``init_state``, ``_word_inputs`` and
-    ``_recurrence``, which returns ``(word inputs, state, prepared) -> (top hidden state after
-    dropout, new state, attention weights)``.
+    define ``embedding``, ``output``, ``_prepare_regions``, ``init_state`` and ``_step_hidden``,
+    ``(embedded words, state, prepared) -> (top hidden state after dropout, new state, attention
+    weights)``, which ``step`` runs; teacher forcing runs ``_recurrence()`` on ``_word_inputs``, by
+    default the same.
     """
 
     embedding: nn.Embedding
     output: WordOutput
     decoder_name: str  # for the messages about its input
 
-    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (any shape) -> what the recurrence reads of each word, computed for all words at once."""
+    def _step_hidden(self, embedded: torch.Tensor, state: State, features: PreparedImages
+                     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         raise NotImplementedError
 
-    def _recurrence(self, time_batched: bool) -> Recurrence:
-        """One step of the recurrence; ``time_batched``: for a whole teacher-forced pass, whose products with
-        the previous state may compute their weight gradients once over all steps (``TimeBatchedLinear``)."""
-        raise NotImplementedError
+    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (any shape) -> what ``_recurrence()`` reads of each word, computed for all words at once."""
+        return self.embedding(tokens)
+
+    def _recurrence(self) -> Recurrence:
+        """The step of a teacher-forced pass (built once per pass)."""
+        return self._step_hidden
 
     def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """tokens (batch,) -> logits (batch, vocab_size), the new state, attention weights (batch, num_pixels)."""
-        hidden, state, weights = self._recurrence(time_batched=False)(self._word_inputs(tokens), state, features)
+        hidden, state, weights = self._step_hidden(self.embedding(tokens), state, features)
         return self.output(hidden), state, weights
 
     def prepare(self, features: EncodedImages | PreparedImages) -> PreparedImages:
@@ -333,7 +337,7 @@ class _StepwiseAttentionDecoder(nn.Module):
         active_per_step = sorted_real.sum(dim=0)  # (max_steps,): the running captions, a prefix of the sorted ones
         # every word's input at once, step-major: step t's rows are its running captions, longest first
         word_inputs = SharedRows(self._word_inputs(tokens[order, :max_steps].t()[sorted_real.t()]))  # (words, ...)
-        recurrence = self._recurrence(time_batched=torch.is_grad_enabled())
+        recurrence = self._recurrence()
         state = self.init_state(sorted_features)
         # the running captions' rows of every per-image tensor, gradients summed in place across steps
         shared = [None if part is None else SharedRows(part) for part in (
@@ -426,8 +430,8 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
 
     @property
     def _single_lstm(self) -> bool:
-        """One LSTM layer: its gates are computed from their parts (``_lstm_step``), the word's part once
-        for all words, and the products with the previous hidden state in one."""
+        """One LSTM layer: in teacher forcing its gates are computed from their parts (``_lstm_step``), the
+        word's part once for all words, and the products with the previous hidden state in one."""
         return self.cell == "lstm" and self.num_layers == 1
 
     def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -438,26 +442,20 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         cell = self.cells[0]
         return F.linear(embedded, cell.weight_ih[:, :self.embed_dim], cell.bias_ih)  # (..., 4 * hidden_size)
 
-    def _recurrence(self, time_batched: bool) -> Recurrence:
+    def _recurrence(self) -> Recurrence:
+        """For one LSTM layer: the previous hidden state's three products (query, gate, recurrent) as one,
+        and the weight gradients of those and of the context's product once per pass."""
         if not self._single_lstm:
-            return self._cells_step
+            return self._step_hidden
         cell = self.cells[0]
         projections = [self.attention.query_projection, *([self.gate] if self.gate is not None else [])]
         sizes = [p.out_features for p in projections] + [4 * self.hidden_size]
-        context_weight = cell.weight_ih[:, self.embed_dim:]  # (4 * hidden_size, annotation_dim)
-        if time_batched:  # the previous hidden state's three products as one, weight gradients once per pass
-            from_hidden = TimeBatchedLinear(torch.cat([p.weight for p in projections] + [cell.weight_hh]),
-                                            torch.cat([p.bias for p in projections] + [cell.bias_hh]))
-            from_context = TimeBatchedLinear(context_weight)
+        from_hidden = TimeBatchedLinear(torch.cat([p.weight for p in projections] + [cell.weight_hh]),
+                                        torch.cat([p.bias for p in projections] + [cell.bias_hh]))
+        from_context = TimeBatchedLinear(cell.weight_ih[:, self.embed_dim:].contiguous())  # (4 * hidden, annotation_dim)
 
-            def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
-                return list(from_hidden(hidden).split(sizes, dim=1))
-        else:  # one step: no copy of the weights into one matrix
-            def from_context(context: torch.Tensor) -> torch.Tensor:
-                return F.linear(context, context_weight)
-
-            def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
-                return [p(hidden) for p in projections] + [F.linear(hidden, cell.weight_hh, cell.bias_hh)]
+        def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
+            return list(from_hidden(hidden).split(sizes, dim=1))
 
         def lstm_step(word_gates: torch.Tensor, state: State, features: PreparedImages
                       ) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -467,7 +465,7 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
     def _lstm_step(self, word_gates: torch.Tensor, state: State, features: PreparedImages,
                    project_hidden: Callable[[torch.Tensor], list[torch.Tensor]],
                    from_context: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """``_cells_step`` for one LSTM layer, its gates summed from their parts: the word's (precomputed),
+        """``_step_hidden`` for one LSTM layer, its gates summed from their parts: the word's (precomputed),
         the context's and the previous hidden state's, as ``nn.LSTMCell`` computes them."""
         hidden, cell = state[0][0], state[1][0]  # (batch, hidden_size) each
         query, *gate, hidden_gates = project_hidden(hidden)  # (batch, attention_dim), [(batch, annotation_dim)], ...
@@ -480,8 +478,8 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)  # (batch, hidden_size)
         return self.dropout(hidden), (hidden.unsqueeze(0), cell.unsqueeze(0)), weights
 
-    def _cells_step(self, embedded: torch.Tensor, state: State, features: PreparedImages
-                    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+    def _step_hidden(self, embedded: torch.Tensor, state: State, features: PreparedImages
+                     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One step of any stack of cells: attend with the top layer's hidden state, gate, run the cells."""
         hidden = state[0]  # (layers, batch, hidden_size)
         context, weights = self.attention(features.annotations, features.keys, hidden[-1], features.mask)
@@ -557,17 +555,11 @@ class UpDownDecoder(_StepwiseAttentionDecoder):
         zeros = features.global_features.new_zeros(2, features.global_features.shape[0], self.hidden_size)
         return zeros, zeros
 
-    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)  # (..., embed_dim); dropped out step by step, as the random stream always was
-
-    def _recurrence(self, time_batched: bool) -> Recurrence:
-        return self._two_lstm_step
-
-    def _two_lstm_step(self, embedded: torch.Tensor, state: State, features: PreparedImages
-                       ) -> tuple[torch.Tensor, State, torch.Tensor]:
+    def _step_hidden(self, embedded: torch.Tensor, state: State, features: PreparedImages
+                     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """The attention LSTM, attention over the regions, the language LSTM; h2_t after dropout."""
         hidden, cell = state  # (2, batch, hidden_size) each: attention LSTM, language LSTM
-        words = self.dropout(embedded)  # (batch, embed_dim)
+        words = self.dropout(embedded)  # (batch, embed_dim): dropped step by step, as the random stream always was
         attention_input = torch.cat([hidden[1], features.global_features, words], dim=1)
         h_attention, c_attention = self.attention_lstm(attention_input, (hidden[0], cell[0]))  # (batch, hidden_size)
         attended, weights = self.attention(features.annotations, features.keys, h_attention, features.mask)

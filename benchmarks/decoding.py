@@ -34,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=16)
     parser.add_argument("--beam-sizes", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the machine's cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="time each side this many times, keep the fastest")
     parser.add_argument("--json", help="write the results here")
@@ -83,6 +84,8 @@ def same_captions(a: DecodedCaptions, b: DecodedCaptions) -> bool:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     decoder = ShowAttendTellDecoder(args.vocab_size, args.encoder_dim, hidden_size=args.hidden_size).eval()
     decoder.to(args.device)
@@ -93,7 +96,8 @@ def main() -> None:
         settings[f"beam{k}"] = GenerationSettings("beam", beam_size=k, max_length=args.max_length)
     strategies: dict[str, Callable[[PreparedImages], DecodedCaptions]] = {
         name: lambda f, chosen=chosen: generate(decoder, f, TOKENS, chosen) for name, chosen in settings.items()}
-    rows, results = [], {"images": args.images, "device": args.device, "vocab_size": args.vocab_size,
+    rows, results = [], {"images": args.images, "device": args.device, "threads": torch.get_num_threads(),
+                         "vocab_size": args.vocab_size,
                          "max_length": args.max_length, "repeats": args.repeats, "identical_outputs": True}
     for name, decode in strategies.items():
         decode(features)  # warm-up

@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="time each side this many times, keep the fastest")
     parser.add_argument("--compile", action="store_true", help="also time our decoder under torch.compile")
     parser.add_argument("--bf16", action="store_true", help="also time our decoder under bfloat16 autocast")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the machine's cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser.parse_args()
@@ -209,6 +210,8 @@ def ours_train_step(decoder: nn.Module, features: EncodedImages, tokens: torch.T
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     pixels, size = args.grid_size ** 2, args.size
     lengths = torch.tensor(coco_lengths(args.captions))

@@ -121,8 +121,8 @@ class RankWatchdog:
             last_seen[peer] = (counter, now)
             return None
         if now - since > self.peer_timeout_s:
-            state = "stopped answering" if counter is not None else "never started its heartbeat"
-            return f"{state} {now - since:.0f} s ago (killed, out of memory, or its node lost)"
+            state = "stopped answering" if counter is not None else "never answered"
+            return f"{state}: no heartbeat for {now - since:.0f} s (killed, out of memory, or its node lost)"
         return None
 
     def _learn_who(self, peers: list[int]) -> None:

@@ -156,3 +156,69 @@ def test_two_nodes_ranked_by_the_environment_train_and_score_as_one_node(tmp_pat
     weights, reference = _best_weights(tmp_path / "node0"), _best_weights(tmp_path / "one_node")
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[name], reference[name]) for name in reference)
+
+
+# ---- the watchdog alone: two plain processes and a store, no Lightning ----
+
+RANK = """
+import sys, time
+from captioning.rank_watchdog import RankWatchdog
+rank, port, action = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+watchdog = RankWatchdog(rank, 2, "127.0.0.1", port, peer_timeout_s=3.0, generation=1)
+watchdog.start()
+print("started", flush=True)
+if action == "fail":
+    time.sleep(2)
+    watchdog.failed(ValueError("images/7.png: cannot decode"))
+elif action == "finish":
+    time.sleep(2)
+    watchdog.finish()
+else:
+    time.sleep(60)  # blocked, as in a collective waiting for the other rank
+"""
+
+
+def _rank(rank: int, port: int, action: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(port), action], cwd=PROJECT_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def store_port() -> int:
+    """A rendezvous store as the ranks would find at MASTER_ADDR:MASTER_PORT (held here instead of by rank 0)."""
+    import torch.distributed as dist
+
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    yield port
+    del store
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("other", "expected"), [
+    ("fail", "rank 1 (pid {pid} on {host}) stopped on an error: ValueError: images/7.png: cannot decode"),
+    ("killed", "rank 1 (pid {pid} on {host}) stopped answering"),
+])
+def test_the_watchdog_names_a_rank_that_failed_or_vanished(store_port: int, other: str, expected: str) -> None:
+    waiting = _rank(0, store_port, "wait")
+    lost = _rank(1, store_port, "fail" if other == "fail" else "wait")
+    for process in (waiting, lost):
+        assert process.stdout.readline().strip() == "started"
+    if other == "killed":
+        time.sleep(1)  # it has beaten a few times
+        lost.kill()
+    started = time.monotonic()
+    output, _ = waiting.communicate(timeout=30)
+    assert waiting.returncode == EXIT_STATUS, output
+    assert time.monotonic() - started < 15
+    assert expected.format(pid=lost.pid, host=socket.gethostname()) in output
+    assert "stopping rank 0" in output
+    lost.communicate(timeout=30)
+
+
+@pytest.mark.slow
+def test_ranks_that_finish_are_never_taken_for_dead(store_port: int) -> None:
+    ranks = [_rank(rank, store_port, "finish") for rank in (0, 1)]
+    for rank in ranks:
+        output, _ = rank.communicate(timeout=30)
+        assert rank.returncode == 0 and "error" not in output, output

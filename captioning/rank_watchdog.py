@@ -101,9 +101,11 @@ class RankWatchdog:
                     if problem:
                         self._stop_process(f"rank {peer} ({self._who(peer)}) {problem}")
             except (RuntimeError, OSError) as error:  # DistStoreError, DistNetworkError, a timeout
-                if not self._stop.is_set():
-                    self._stop_process(f"rank 0 ({self._who(0)}), whose process holds the rendezvous store, "
-                                       f"stopped answering ({str(error).splitlines()[0]})")
+                if not self._stop.is_set():  # on rank 0 (torchrun's agent holds the store) name the store alone
+                    reason = str(error).splitlines()[0]
+                    self._stop_process(f"rank 0 ({self._who(0)}), whose process holds the rendezvous store, stopped "
+                                       f"answering ({reason})" if self.rank else
+                                       f"the rendezvous store stopped answering ({reason})")
 
     def _check(self, peer: int, last_seen: dict[int, tuple[str | None, float]]) -> str | None:
         """Why ``peer`` is lost, or None while it beats, has finished, or is still within the timeout."""

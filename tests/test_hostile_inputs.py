@@ -574,7 +574,8 @@ def _folder_dataset(folder: Path, hostile: dict[str, str] | None = None, extra: 
 @pytest.mark.parametrize(("hostile", "expected"), [
     ({"file": "../../../../etc/passwd", "caption": "a cat", "split": "train"},
      "captions.jsonl: file of line 17 ('../../../../etc/passwd') leads out of it"),
-    ({"file": "/etc/passwd", "caption": "a cat", "split": "train"}, "captions.jsonl: file of line 17 ('/etc/passwd') is absolute"),
+    ({"file": "/etc/passwd", "caption": "a cat", "split": "train"},
+     "captions.jsonl: file of line 17 ('/etc/passwd') is absolute"),
     ({"file": "0.png", "caption": "a cat", "split": "tarin"},
      "captions.jsonl: line 17 puts 0.png in split 'tarin', which no split of this run uses"),
 ])

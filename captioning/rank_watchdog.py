@@ -80,7 +80,9 @@ class RankWatchdog:
         try:
             self._store.set(f"{self._keys}/failed/{self.rank}", f"{type(exception).__name__}: {exception}"[:500])
         except (RuntimeError, OSError):  # the store went with rank 0: the others notice that instead
-            pass
+            return
+        if self.rank == 0:  # the store ends with this process: let every rank read why before it does
+            time.sleep(2 * self.interval)
 
     def _halt(self) -> None:
         self._stop.set()

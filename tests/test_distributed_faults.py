@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from captioning.rank_watchdog import EXIT_STATUS
@@ -109,6 +110,39 @@ def test_a_rank_killed_mid_epoch_stops_the_other_within_a_minute_naming_it(tmp_p
         for pid in ranks:
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class FailOnRank(pl.Callback):
+    """Raises on one rank at one training step: a rank's own error (a bad image, a full disk) mid-epoch."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise ValueError(f"injected failure on rank {self.rank}")
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_epoch_stops_the_other_naming_it_and_its_error(tmp_path: Path, tiny_shapes: Path) -> None:
+    """Rank 0 raises while rank 1 waits for it in the gradient all-reduce: rank 1 is told the error through
+    the store and stops (exit 75) naming rank 0 and the error, instead of waiting for the timeout."""
+    run = _Run([*_common(tmp_path, tiny_shapes.parent), "trainer.devices=2", "trainer.max_epochs=100",
+                "trainer.num_sanity_val_steps=0", f"hydra.run.dir={tmp_path / 'run'}",
+                f"+callbacks.fail._target_={__name__}.FailOnRank", "+callbacks.fail.rank=0", "+callbacks.fail.step=3"])
+    run.wait_for("Trainable params", timeout=300)
+    rank1 = _children(run.process.pid)
+    assert len(rank1) == 1, rank1
+    assert run.finish(timeout=120) != 0
+    started = time.monotonic()
+    while not _gone(rank1[0]) and time.monotonic() - started < STOPPED_WITHIN_S:
+        time.sleep(0.2)
+    assert _gone(rank1[0]), "rank 1 still runs a minute after rank 0 failed"
+    time.sleep(1)  # the last lines of rank 1, which shares the output
+    assert "ValueError: injected failure on rank 0" in run.output
+    assert (f"error: rank 0 (pid {run.process.pid} on {socket.gethostname()}) stopped on an error: ValueError: "
+            "injected failure on rank 0") in run.output
+    assert f"stopping rank 1 (pid {rank1[0]}) too, with exit status {EXIT_STATUS}" in run.output
 
 
 def _free_port() -> int:

@@ -34,9 +34,10 @@ def features(rows: int, masked: bool, seed: int = 1) -> EncodedImages:
     return EncodedImages(grid.mean(dim=1), grid, mask)
 
 
-def plain_attention(attention: AdditiveAttention, grid: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor,
+def plain_attention(attention: AdditiveAttention, grid: torch.Tensor, hidden: torch.Tensor,
                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Show, Attend and Tell's soft attention as written: softmax(w·tanh(keys + W_h h) + b)."""
+    """Show, Attend and Tell's soft attention as written: softmax(w·tanh(W_k v + W_h h) + b)."""
+    keys = attention.key_projection(grid)  # (batch, num_pixels, attention_dim)
     scores = attention.score(torch.tanh(keys + attention.query_projection(hidden).unsqueeze(1))).squeeze(2)
     if mask is not None:
         scores = scores.masked_fill(~mask, -torch.inf)
@@ -59,7 +60,7 @@ def reference_forward(decoder: ShowAttendTellDecoder, encoded: EncodedImages, to
         active = int((steps > t).sum())
         rows = prepared.select(slice(0, active))
         hidden, cell = hidden[:active], cell[:active]
-        context, weights = plain_attention(decoder.attention, rows.annotations, rows.keys, hidden, rows.mask)
+        context, weights = plain_attention(decoder.attention, rows.annotations, hidden, rows.mask)
         if decoder.gate is not None:
             context = torch.sigmoid(decoder.gate(hidden)) * context
         layer_input = torch.cat([decoder.embedding(sorted_tokens[:active, t]), context], dim=1)
@@ -173,5 +174,5 @@ def test_attention_with_sigmoid_equals_tanh_attention_in_float32() -> None:
     grid, hidden = torch.randn(5, 11, 32), torch.randn(5, 24)
     mask = torch.arange(11) < torch.tensor([11, 3, 7, 1, 11]).unsqueeze(1)
     keys = attention.project(grid)
-    for got, want in zip(attention(grid, keys, hidden, mask), plain_attention(attention, grid, keys, hidden, mask)):
+    for got, want in zip(attention(grid, keys, hidden, mask), plain_attention(attention, grid, hidden, mask)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -14,6 +14,10 @@ class AdditiveAttention(nn.Module):
 
     The grid's projection does not depend on the step, so it is computed once per image
     (``project``) and passed to every step as ``keys``.
+
+    Scores are w·tanh(W_k v + W_q h) + b, computed as 2w·sigmoid(2 W_k v + 2 W_q h) + (b - Σw): the
+    same function, but torch's CPU sigmoid costs a fraction of its tanh on a step's largest tensor.
+    So ``keys`` and the query (``project_query``) come doubled: 2(W_k v + b_k) and 2(W_q h + b_q).
     """
 
     def __init__(self, encoder_dim: int, hidden_size: int, attention_dim: int) -> None:
@@ -23,8 +27,17 @@ class AdditiveAttention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def project(self, grid: torch.Tensor) -> torch.Tensor:
-        """(batch, num_pixels, encoder_dim) -> keys (batch, num_pixels, attention_dim)."""
-        return self.key_projection(grid)
+        """(batch, num_pixels, encoder_dim) -> keys (batch, num_pixels, attention_dim), doubled."""
+        return F.linear(grid, 2 * self.key_projection.weight, 2 * self.key_projection.bias)
+
+    def query_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The doubled query projection's weight (attention_dim, hidden_size) and bias, for decoders that
+        compute it in one product with other projections of the same hidden state."""
+        return 2 * self.query_projection.weight, 2 * self.query_projection.bias
+
+    def project_query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden_size) -> the query (batch, attention_dim), doubled."""
+        return F.linear(hidden, *self.query_weights())
 
     def forward(self, grid: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,12 +46,11 @@ class AdditiveAttention(nn.Module):
         ``mask`` (batch, num_pixels), True for real regions: padded ones score -inf, so their weight
         is exactly 0 and the real ones' softmax is the one they would have alone.
         """
-        return self.attend(grid, keys, self.query_projection(hidden), mask)
+        return self.attend(grid, keys, self.project_query(hidden), mask)
 
     def attend(self, grid: torch.Tensor, keys: torch.Tensor, query: torch.Tensor,
                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` from the projected query (batch, attention_dim), for decoders that compute it
-        in one product with other projections of the same hidden state."""
+        """``forward`` from the doubled query (batch, attention_dim) (``query_weights``)."""
         scores = self._scores(keys, query)  # (batch, num_pixels)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf)
@@ -47,24 +59,23 @@ class AdditiveAttention(nn.Module):
         return context, weights
 
     def _scores(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """w·tanh(keys + query) + b, computed as 2w·sigmoid(2z) + (b - Σw): the same function, but torch's CPU
-        sigmoid costs a fraction of its tanh, and z (batch, num_pixels, attention_dim) is a step's largest tensor.
+        """2w·sigmoid(keys + query) + (b - Σw) (the class's note), (batch, num_pixels).
 
-        Without autograd on a CPU (decoding), z is made a few rows at a time in one small buffer that stays
-        in the CPU's caches: a beam search's hundreds of rows would otherwise allocate and stream tens
-        of MB per step.
+        Without autograd on a CPU (decoding), keys + query is made a few rows at a time in one small
+        buffer that stays in the CPU's caches: a beam search's hundreds of rows would otherwise allocate
+        and stream tens of MB per step.
         """
         weight, bias = 2 * self.score.weight[0], self.score.bias - self.score.weight.sum()  # (attention_dim,), (1,)
         rows, pixels, attention_dim = keys.shape
         chunk = max(1, SCORE_CHUNK_ELEMENTS // (pixels * attention_dim))
         if torch.is_grad_enabled() or keys.device.type != "cpu" or _tracing():
-            return torch.matmul((keys + query.unsqueeze(1)).mul_(2).sigmoid_(), weight) + bias
+            return torch.matmul((keys + query.unsqueeze(1)).sigmoid_(), weight) + bias
         scores = keys.new_empty(rows, pixels)
         buffer = keys.new_empty(chunk, pixels, attention_dim)
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
             squashed = torch.add(keys[start:stop], query[start:stop].unsqueeze(1), out=buffer[:stop - start])
-            torch.matmul(squashed.mul_(2).sigmoid_(), weight, out=scores[start:stop])
+            torch.matmul(squashed.sigmoid_(), weight, out=scores[start:stop])
         return scores.add_(bias)
 
 

@@ -448,10 +448,12 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         if not self._single_lstm:
             return self._step_hidden
         cell = self.cells[0]
-        projections = [self.attention.query_projection, *([self.gate] if self.gate is not None else [])]
-        sizes = [p.out_features for p in projections] + [4 * self.hidden_size]
-        from_hidden = TimeBatchedLinear(torch.cat([p.weight for p in projections] + [cell.weight_hh]),
-                                        torch.cat([p.bias for p in projections] + [cell.bias_hh]))
+        # (weight, bias) of the query (doubled, as attention reads it), the gate and the recurrent product
+        parts = [self.attention.query_weights(), *([(self.gate.weight, self.gate.bias)] if self.gate is not None else []),
+                 (cell.weight_hh, cell.bias_hh)]
+        sizes = [weight.shape[0] for weight, _ in parts]
+        from_hidden = TimeBatchedLinear(torch.cat([weight for weight, _ in parts]),
+                                        torch.cat([bias for _, bias in parts]))
         from_context = TimeBatchedLinear(cell.weight_ih[:, self.embed_dim:].contiguous())  # (4 * hidden, annotation_dim)
 
         def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
-SCORE_CHUNK_ELEMENTS = 1 << 17  # 512 KB of float32 per chunk of attention scores: within a core's L2 cache
+SCORE_CHUNK_ELEMENTS = 1 << 19  # 2 MB of float32 per chunk of attention scores: within the cores' L2 caches
 
 
 class AdditiveAttention(nn.Module):

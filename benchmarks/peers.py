@@ -240,7 +240,8 @@ def main() -> None:
                 "train_step_ours_gflop": gflop_ours, "train_step_tutorial_gflop": gflop_tutorial,
                 "train_step_ours_gflops": gflop_ours / train_ours, "sgemm_gflops": sgemm,
                 "sgemm_fraction": gflop_ours / train_ours / sgemm}
-    rows += [("training step, ours", f"{train_ours:.3f} s", f"{gflop_ours:.1f} GFLOP, {gflop_ours / train_ours:.0f} GFLOP/s"),
+    rows += [("training step, ours", f"{train_ours:.3f} s",
+              f"{gflop_ours:.1f} GFLOP, {gflop_ours / train_ours:.0f} GFLOP/s"),
              ("training step, tutorial", f"{train_tutorial:.3f} s",
               f"{gflop_tutorial:.1f} GFLOP, {gflop_tutorial / train_tutorial:.0f} GFLOP/s"),
              ("speed-up", f"{train_tutorial / train_ours:.2f}x", ""),
@@ -286,7 +287,8 @@ def main() -> None:
         rows += [(f"beam {args.beam_size}, tutorial, one image at a time", f"{1e3 * beam_tutorial:.1f} ms/image", ""),
                  (f"beam {args.beam_size}, ours, one image at a time", f"{1e3 * beam_ours:.1f} ms/image",
                   f"{beam_tutorial / beam_ours:.2f}x tutorial"),
-                 (f"beam {args.beam_size}, ours, {args.beam_images} images batched", f"{1e3 * beam_batched:.1f} ms/image",
+                 (f"beam {args.beam_size}, ours, {args.beam_images} images batched",
+                  f"{1e3 * beam_batched:.1f} ms/image",
                   f"{beam_tutorial / beam_batched:.2f}x tutorial")]
         if args.bf16:
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -84,7 +84,9 @@ def build_run(args: argparse.Namespace, cache_dir: Path, source: str) -> tuple[C
         batch_size=args.batch_size, num_workers=args.num_workers, min_word_count=1,
         train_captions_per_image=args.captions_per_image, image_cache=source == "image_cache",
         image_cache_dir=cache_dir / "images", feature_cache=source == "features",
-        feature_cache_dir=cache_dir / "features", feature_encoder=encoder)  # computes the cache in setup()
+        feature_cache_dir=cache_dir / "features", feature_encoder=encoder,  # computes the cache in setup()
+        # a randomly initialised CNN's features overflow float16 (the data side refuses them)
+        feature_cache_dtype="float16" if args.backbone in PRETRAINED else "float32")
     model = build_model(args, data)
     return data, model
 

@@ -130,8 +130,9 @@ def test_every_attention_decoder_equals_stepping_through_its_own_step(decoder: t
         nll, words = caption_negative_log_likelihood(output.word_logits, targets)
         return nll.sum() / words.sum() + doubly_stochastic_penalty(output.attention, output.mask)
 
+    stepped = lambda: loss(scheduled_sampling_forward(decoder, encoded, tokens, lengths, 0.0))  # noqa: E731
     assert_same(loss_and_grads(decoder, lambda: loss(decoder(encoded, tokens, lengths))),
-                loss_and_grads(decoder, lambda: loss(scheduled_sampling_forward(decoder, encoded, tokens, lengths, 0.0))))
+                loss_and_grads(decoder, stepped))
 
 
 def test_padded_logits_put_each_word_where_its_target_is() -> None:

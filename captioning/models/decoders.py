@@ -449,12 +449,12 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
             return self._step_hidden
         cell = self.cells[0]
         # (weight, bias) of the query (doubled, as attention reads it), the gate and the recurrent product
-        parts = [self.attention.query_weights(), *([(self.gate.weight, self.gate.bias)] if self.gate is not None else []),
-                 (cell.weight_hh, cell.bias_hh)]
+        gate = [(self.gate.weight, self.gate.bias)] if self.gate is not None else []
+        parts = [self.attention.query_weights(), *gate, (cell.weight_hh, cell.bias_hh)]
         sizes = [weight.shape[0] for weight, _ in parts]
         from_hidden = TimeBatchedLinear(torch.cat([weight for weight, _ in parts]),
                                         torch.cat([bias for _, bias in parts]))
-        from_context = TimeBatchedLinear(cell.weight_ih[:, self.embed_dim:].contiguous())  # (4 * hidden, annotation_dim)
+        from_context = TimeBatchedLinear(cell.weight_ih[:, self.embed_dim:].contiguous())  # (4 * hidden, annotation)
 
         def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
             return list(from_hidden(hidden).split(sizes, dim=1))

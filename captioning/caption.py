@@ -33,8 +33,10 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from captioning.checkpoints import check_finite, describe, load_checkpoint, network_state
+from captioning.checkpoints import (VOCAB_FINGERPRINT, check_finite, check_vocabulary, describe, load_checkpoint,
+                                    network_state)
 from captioning.cli_args import EXIT_STATUS_HELP, non_negative_float, positive_int
+from captioning.config import LOWEST
 from captioning.data.datasets import IMAGE_EXTENSIONS
 from captioning.data.files import check_writable, replacing, write_text, writing_alone
 from captioning.data.images import BadImageError, ImageInput, load_image, open_rgb
@@ -114,6 +116,7 @@ class Captioner:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab = vocab
+        self.image_size = image_size
         self.transform = build_image_transform(image_size)
         self.generation = generation or GenerationSettings()
 
@@ -133,6 +136,8 @@ class Captioner:
         if not settings or "vocab" not in settings or "state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a captioning checkpoint (no hyper_parameters.vocab / state_dict)")
         vocab = Vocabulary(settings["vocab"])
+        check_vocabulary(checkpoint.get(VOCAB_FINGERPRINT), vocab.fingerprint, str(path), "hyper_parameters.vocab")
+        image_size = _image_size(settings.get("image_size"), path)
         generation = _generation_settings(settings, beam_size=beam_size, max_length=max_length, n_best=n_best,
                                           length_penalty=length_penalty, block_trigrams=block_trigrams)
         if settings["encoder"].get("_target_") == target_of(PrecomputedEncoder):
@@ -142,7 +147,7 @@ class Captioner:
         encoder = {**settings["encoder"], "weights": None, "weights_path": None}
         model = build_encoder_decoder(len(vocab), encoder, settings["decoder"])
         model.load_state_dict(network_state(checkpoint))
-        return cls(model, vocab, settings.get("image_size") or 224, generation, resolve_device(device))
+        return cls(model, vocab, image_size, generation, resolve_device(device))
 
     def caption(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[CaptionResult]:
         """Captions in input order; ``file`` is each path, or ``<image i>`` (its position) for an image in memory.
@@ -192,6 +197,15 @@ class Captioner:
         features = self.model.encode(images.to(self.device))
         decoded = generate(self.model.decoder, features, self.vocab, self.generation)
         return CaptionResult.from_decoded(decoded, self.vocab, names, self.generation.n_best)
+
+
+def _image_size(value: Any, path: Path) -> int:
+    """The checkpoint's input size, checked: another size would feed the model images it was not trained on."""
+    lowest = int(LOWEST["data.image_size"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"{path}: hyper_parameters.image_size is {value!r}, not a whole number >= {lowest}; the "
+                         "checkpoint was edited or damaged: use the file train.py wrote")
+    return value
 
 
 def _generation_settings(hparams: Mapping[str, Any], n_best: int | None, **overrides: Any) -> GenerationSettings:

@@ -8,6 +8,7 @@ rebuilds tensors and plain Python data and refuses anything else. When a file ca
 error says which file and what is wrong with it in plain words.
 """
 
+import logging
 import os
 import pickletools
 import re
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 # scheme://... (http, https, s3, gs, file, hf, ...): never fetched and unpickled on the fly
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+)")
@@ -27,6 +29,7 @@ CAPTIONING_KEYS = ("hyper_parameters", "state_dict")
 # what Lightning needs to score (trainer.test) or resume (trainer.fit) from a checkpoint
 LIGHTNING_KEYS = ("pytorch-lightning_version",)
 RESUME_KEYS = ("pytorch-lightning_version", "optimizer_states", "loops", "epoch", "global_step")
+VOCAB_FINGERPRINT = "vocab_sha256"  # Vocabulary.fingerprint of the words the weights were trained with
 _WRITTEN_BY_TRAIN = "use a checkpoint written by train.py (its run's checkpoints/best.ckpt or last.ckpt)"
 
 
@@ -107,6 +110,21 @@ def check_finite(checkpoint: Mapping[str, Any], label: str) -> None:
         raise CheckpointError(f"{label} has non-finite weights ({len(bad)} of {len(state)} tensors hold NaN or "
                               f"infinity, the first {bad[0]}): the run that wrote it diverged (a learning rate "
                               "too high?), so it is not used; take an earlier checkpoint or retrain")
+
+
+def check_vocabulary(recorded: str | None, fingerprint: str, label: str, where: str) -> None:
+    """Refuse a vocabulary that is not the one the weights were trained with (``recorded``, its fingerprint).
+
+    Reordered or replaced words still load and caption, but every id then names another word. A
+    file written before fingerprints were recorded (``recorded`` None) cannot be checked, and says so.
+    """
+    if recorded is None:
+        log.warning("%s records no vocabulary fingerprint (written by an older version): its vocabulary cannot be "
+                    "checked against its weights", label)
+    elif recorded != fingerprint:
+        raise CheckpointError(f"{label}: its vocabulary ({where}) is not the one its weights were trained with (the "
+                              "fingerprint differs: words reordered, added or replaced), so every caption would "
+                              "name the wrong words; use the run's own unedited file")
 
 
 def _check_contents(checkpoint: Any, label: str, *, lightning: bool, resume: bool) -> None:

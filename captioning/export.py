@@ -35,7 +35,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from captioning.caption import Captioner
-from captioning.checkpoints import load_checkpoint
+from captioning.checkpoints import VOCAB_FINGERPRINT, load_checkpoint
 from captioning.data.files import replace_directory, write_json
 from captioning.decoding import HPARAM_FIELDS
 from captioning.errors import InputError
@@ -115,7 +115,7 @@ def export_model(checkpoint: Path, output: Path) -> dict[str, Any]:
     settings = load_checkpoint(checkpoint, "--checkpoint")["hyper_parameters"]
     captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
     model = captioner.model.eval()
-    size = settings.get("image_size") or 224
+    size = captioner.image_size
     images = torch.rand(_EXAMPLE_BATCH, 3, size, size)  # (batch, 3, size, size) pixels in [0, 1]
     with torch.no_grad():
         prepared = model.encode(images)
@@ -152,6 +152,7 @@ def export_model(checkpoint: Path, output: Path) -> dict[str, Any]:
         (staging / WEIGHTS_FILE).chmod(staging.stat().st_mode & 0o666)  # safetensors writes it private (0600)
         exported = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": checkpoint.name,
+            VOCAB_FINGERPRINT: captioner.vocab.fingerprint,  # vocab.json is checked against it on loading
             # the weights file holds every weight: building the encoder must load (or download) none
             "image_size": size, "encoder": {**settings["encoder"], "weights": None, "weights_path": None},
             "decoder": settings["decoder"],

@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioning.caption import CaptionResult
-from captioning.checkpoints import check_finite, describe, load_checkpoint
+from captioning.checkpoints import VOCAB_FINGERPRINT, check_finite, describe, load_checkpoint
 from captioning.config import CheckpointMismatchError
 from captioning.data.batch import CaptionBatch
 from captioning.data.tokenize import detokenize
@@ -352,6 +352,10 @@ class CaptioningLitModule(pl.LightningModule):
                                           f"{other_architecture}")
         self.load_state_dict(saved)
         log.info("initialised the model from %s (weights only)", checkpoint_path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # beside the weights, which words their ids mean: an edited hyper_parameters.vocab is caught on loading
+        checkpoint[VOCAB_FINGERPRINT] = self.vocab.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning read the file (train.py validated it with load_checkpoint first); a diverged run's

@@ -21,6 +21,7 @@ import onnxruntime
 import torch
 
 from captioning.caption import Captioner, _generation_settings
+from captioning.checkpoints import VOCAB_FINGERPRINT, check_vocabulary
 from captioning.data.vocab import Vocabulary
 from captioning.decoding import HPARAM_FIELDS
 from captioning.export import FORMAT, FORMAT_VERSION, GRAPH_FILES, SETTINGS_FILE, VOCAB_FILE
@@ -126,7 +127,9 @@ def read_export(directory: str | Path) -> tuple[dict[str, Any], Vocabulary]:
                          f"{FORMAT_VERSION}: export the checkpoint again")
     if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
         raise ValueError(f"--onnx {directory}: {VOCAB_FILE} must be a JSON list of words")
-    return settings, Vocabulary(tokens)
+    vocab = Vocabulary(tokens)
+    check_vocabulary(settings.get(VOCAB_FINGERPRINT), vocab.fingerprint, f"--onnx {directory}", VOCAB_FILE)
+    return settings, vocab
 
 
 def onnx_captioner(directory: str | Path, beam_size: int | None = None, max_length: int | None = None,

@@ -1,6 +1,7 @@
 """``captioning export`` and ``caption --onnx``: the exported graphs caption real photos as the checkpoint does."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,18 @@ def test_caption_onnx_refuses_a_folder_that_is_no_export(tmp_path: Path, capsys:
     with pytest.raises(SystemExit) as stop:
         caption_main([str(image), "--onnx", str(tmp_path), "--checkpoint", "x.ckpt"])
     assert stop.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_caption_onnx_refuses_a_reordered_vocabulary(exported: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    _, folder = exported
+    assert onnx_captioner(folder).vocab.tokens == json.loads((folder / VOCAB_FILE).read_text())
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    tokens = json.loads((edited / VOCAB_FILE).read_text())
+    tokens[4], tokens[5] = tokens[5], tokens[4]
+    (edited / VOCAB_FILE).write_text(json.dumps(tokens))
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    assert caption_main([str(image), "--onnx", str(edited)]) == 2
+    assert f"its vocabulary ({VOCAB_FILE}) is not the one its weights were trained with" in capsys.readouterr().err

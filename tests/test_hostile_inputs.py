@@ -26,6 +26,11 @@ from captioning.data.datasets import AnnotationError, load_annotations, load_ima
 from captioning.data.files import locked, write_json
 from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.shapes import ensure_shapes_dataset, verify_shapes_dataset
+from captioning.evaluation.cli import main as evaluation_main
+from captioning.models.decoders import ShowTellDecoder
+from captioning.models.encoder_decoder import target_of
+from captioning.models.encoders import CNNEncoder
+from captioning.module import CaptioningLitModule
 from tests.conftest import PROJECT_ROOT, TINY_SHAPES
 from tests.test_train import QUICK, TINY_OVERRIDES, TINY_SHAPES_OVERRIDES, _config
 import train
@@ -677,3 +682,55 @@ def test_an_unwritable_run_folder_is_named_in_one_line(tmp_path: Path, place: st
     assert "Traceback" not in completed.stderr
     assert f"hydra.run.dir={run_dir}: its folder {run_dir.parent}" in message
     assert ("is a file, not a folder" if place == "under_a_file" else "cannot be written") in message
+
+
+def _small_checkpoint(folder: Path, edit: Callable[[dict], None] = lambda checkpoint: None) -> Path:
+    """A tiny untrained model saved as train.py's checkpoints are (the module's own save hook), then edited."""
+    module = CaptioningLitModule(VOCAB, {"_target_": target_of(CNNEncoder), "backbone": "resnet18", "weights": None},
+                                 {"_target_": target_of(ShowTellDecoder), "embed_dim": 8, "hidden_size": 8},
+                                 image_size=32)
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    edit(checkpoint)
+    path = folder / "edited.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _swap_two_words(checkpoint: dict) -> None:
+    vocab = checkpoint["hyper_parameters"]["vocab"]
+    vocab[4], vocab[5] = vocab[5], vocab[4]
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(image_size=0),
+     "hyper_parameters.image_size is 0, not a whole number >= 32"),
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(image_size="224"),
+     "hyper_parameters.image_size is '224', not a whole number >= 32"),
+    (_swap_two_words, "its vocabulary (hyper_parameters.vocab) is not the one its weights were trained with"),
+], ids=["image_size_0", "image_size_text", "swapped_vocabulary"])
+def test_an_edited_checkpoint_is_refused_by_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   edit: Callable[[dict], None], expected: str) -> None:
+    assert Captioner.from_checkpoint(_small_checkpoint(tmp_path), device="cpu").image_size == 32
+    path = _small_checkpoint(tmp_path, edit)
+    assert caption_main([str(_an_image(tmp_path)), "--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert str(path) in error and expected in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_with_only_empty_references_names_the_image(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    annotations = tmp_path / "captions.json"
+    write_json(annotations, {"images": [{"id": 1}, {"id": 2}],
+                             "annotations": [{"id": 1, "image_id": 1, "caption": "a red circle ."},
+                                             {"id": 2, "image_id": 2, "caption": " . "},
+                                             {"id": 3, "image_id": 2, "caption": ""}]})
+    results = tmp_path / "results.json"
+    write_json(results, [{"image_id": 1, "caption": "a red circle"}, {"image_id": 2, "caption": "a circle"}])
+    output = tmp_path / "metrics.json"
+    assert evaluation_main([str(results), "--annotations", str(annotations), "--no-spice",
+                            "--output", str(output)]) == 2
+    error = _one_line(capsys.readouterr().out)
+    assert "1 images have only empty reference captions" in error and "image id 2" in error
+    assert not output.exists()

@@ -1,5 +1,7 @@
 """Word vocabulary with the special tokens fixed by the design: ``<pad>``=0, ``<bos>``, ``<eos>``, ``<unk>``."""
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -31,6 +33,12 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the tokens in order: a model's output ids mean these words only in this order, so a
+        checkpoint or export records it beside its weights and a reordered copy is caught on loading."""
+        return hashlib.sha256(json.dumps(self.tokens).encode()).hexdigest()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.tokens == other.tokens

@@ -110,18 +110,22 @@ def evaluate(args: argparse.Namespace, console: Console) -> int:
     except (InputError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
-    with progress_bar(True) as bar:  # each phase takes minutes on a full COCO split
-        phase = bar.add_task(f"tokenizing {sum(map(len, references.values()))} references",
-                             total=3 if args.leave_one_out else 2)
-        with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
-            evaluator.tokenized_references()
-            bar.update(phase, advance=1, description=f"scoring {len(captions)} captions")
-            result = evaluator.score(captions)
-            loo = None
-            if args.leave_one_out:
-                bar.update(phase, advance=1, description="scoring leave-one-out (5 rounds)")
-                loo = evaluator.leave_one_out(captions)
-            bar.update(phase, advance=1, description="scored")
+    try:  # references with no word (found once tokenized) cannot be scored
+        with progress_bar(True) as bar:  # each phase takes minutes on a full COCO split
+            phase = bar.add_task(f"tokenizing {sum(map(len, references.values()))} references",
+                                 total=3 if args.leave_one_out else 2)
+            with CocoCaptionEvaluator(references, spice=not args.no_spice) as evaluator:
+                evaluator.tokenized_references()
+                bar.update(phase, advance=1, description=f"scoring {len(captions)} captions")
+                result = evaluator.score(captions)
+                loo = None
+                if args.leave_one_out:
+                    bar.update(phase, advance=1, description="scoring leave-one-out (5 rounds)")
+                    loo = evaluator.leave_one_out(captions)
+                bar.update(phase, advance=1, description="scored")
+    except InputError as error:
+        console.print(f"[red]error:[/red] {args.annotations}: {error}")
+        return 2
     if args.leave_one_out and loo is None:
         console.print(f"[red]error:[/red] --leave-one-out needs images with at least 5 references; none of the "
                       f"{len(captions)} scored images in {args.annotations} has that many")

@@ -35,6 +35,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice as spice_module
 
 from captioning.data.tokenize import ptb_tokenize_python_batch
+from captioning.errors import InputError
 from captioning.evaluation.java import find_java, java_major_version
 from captioning.evaluation.meteor import MeteorScorer, shared_meteor
 from captioning.evaluation.tokenizer import ptb_tokenize
@@ -133,8 +134,7 @@ class CocoCaptionEvaluator:
         """Metrics over the images in ``captions``; each must be a reference image."""
         image_ids = self._checked_image_ids(captions)
         results = dict(zip(image_ids, ([c] for c in self._tokenize([captions[i] for i in image_ids]))))
-        references = self.tokenized_references()
-        return self._score_tokenized({i: references[i] for i in image_ids}, results)
+        return self._score_tokenized(self._references_with_words(image_ids), results)
 
     def leave_one_out(self, captions: Mapping[int, str]) -> LeaveOneOut | None:
         """Human and model scored against the same references, in five leave-one-out rounds.
@@ -159,7 +159,7 @@ class CocoCaptionEvaluator:
         round in the background while the Python scorers work.
         """
         image_ids = self._checked_image_ids(captions)
-        references = self.tokenized_references()
+        references = self._references_with_words(image_ids)
         kept = [i for i in image_ids if len(references[i]) >= LEAVE_ONE_OUT_ROUNDS]
         if len(kept) < len(image_ids):
             log.info("leave-one-out: %d of %d images have fewer than %d references and are left out",
@@ -192,6 +192,16 @@ class CocoCaptionEvaluator:
             raise ValueError(f"the caption of image {not_text[0]} is a {type(captions[not_text[0]]).__name__}, "
                              "not a string")
         return sorted(int(i) for i in captions)
+
+    def _references_with_words(self, image_ids: Sequence[int]) -> Tokenized:
+        """The tokenized references of ``image_ids``, refusing an image none of whose references has a word."""
+        references = self.tokenized_references()
+        wordless = [i for i in image_ids if not any(reference.strip() for reference in references[i])]
+        if wordless:
+            raise InputError(f"{len(wordless)} images have only empty reference captions (no word once tokenized), "
+                             f"e.g. image id {wordless[0]}: every metric would score them 0; fix those references "
+                             "or leave the images out")
+        return {i: references[i] for i in image_ids}
 
     def tokenized_references(self) -> Tokenized:
         if self._tokenized_references is None:

@@ -138,7 +138,7 @@ class Captioner:
         vocab = Vocabulary(settings["vocab"])
         check_vocabulary(checkpoint.get(VOCAB_FINGERPRINT), vocab.fingerprint, str(path), "hyper_parameters.vocab")
         image_size = _image_size(settings.get("image_size"), path)
-        generation = _generation_settings(settings, beam_size=beam_size, max_length=max_length, n_best=n_best,
+        generation = generation_settings(settings, beam_size=beam_size, max_length=max_length, n_best=n_best,
                                           length_penalty=length_penalty, block_trigrams=block_trigrams)
         if settings["encoder"].get("_target_") == target_of(PrecomputedEncoder):
             raise ValueError(f"{path} is a model of precomputed region features (data.precomputed): it has no image "
@@ -208,7 +208,7 @@ def _image_size(value: Any, path: Path) -> int:
     return value
 
 
-def _generation_settings(hparams: Mapping[str, Any], n_best: int | None, **overrides: Any) -> GenerationSettings:
+def generation_settings(hparams: Mapping[str, Any], n_best: int | None, **overrides: Any) -> GenerationSettings:
     """The checkpoint's decoding with the given flags; ``--n-best`` is checked here to name the flag to raise."""
     generation = GenerationSettings.from_hparams(hparams, **overrides)
     if n_best is None:

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from captioning.caption import Captioner, _generation_settings
+from captioning.caption import Captioner, generation_settings
 from captioning.checkpoints import VOCAB_FINGERPRINT, check_vocabulary
 from captioning.data.vocab import Vocabulary
 from captioning.decoding import HPARAM_FIELDS
@@ -145,7 +145,7 @@ def onnx_captioner(directory: str | Path, beam_size: int | None = None, max_leng
     settings, vocab = read_export(directory)
     graphs = {name: OnnxGraph(directory / file, threads) for name, file in GRAPH_FILES.items()}
     hparams = {key: settings["generation"].get(key) for key in HPARAM_FIELDS}
-    generation = _generation_settings(hparams, beam_size=beam_size, max_length=max_length, n_best=n_best,
+    generation = generation_settings(hparams, beam_size=beam_size, max_length=max_length, n_best=n_best,
                                       length_penalty=length_penalty, block_trigrams=block_trigrams)
     decoder = OnnxDecoder(graphs["init_state"], graphs["step"], settings)
     return Captioner(OnnxEncoderDecoder(graphs["encoder"], decoder), vocab, settings["image_size"], generation)

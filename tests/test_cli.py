@@ -1,12 +1,10 @@
 """The ``captioning`` command, the flag types every tool shares, and how the tools write their outputs."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +41,12 @@ def run(capsys):
 
 
 def test_the_overview_lists_every_command_and_exit_status_without_importing_torch() -> None:
+    """``captioning --help`` is fast because it imports none of the heavy modules (no timing: a loaded machine
+    would make one flaky)."""
     probe = ("import sys; from captioning.cli import main; status = main(['--help']); "
              "print('LOADED', [m for m in ('torch', 'numpy', 'omegaconf') if m in sys.modules]); sys.exit(status)")
-    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr
-    assert time.perf_counter() - started < 10  # importing torch alone takes seconds here
     assert "LOADED []" in done.stdout
     for name in ("caption", "evaluate", "prepare", "serve", "export"):
         assert f"  {name} " in done.stdout
@@ -64,9 +62,6 @@ def test_the_entry_point_runs_a_command_in_its_own_process() -> None:
 
 @pytest.mark.parametrize("name", ["caption", "evaluate", "prepare", "serve", "export"])
 def test_each_command_has_help_with_the_exit_status(run, name: str) -> None:
-    module = cli.SUBCOMMANDS[name][0]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not written yet (another change adds it)")
     done = run(name, "--help")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: captioning {name}")
@@ -75,14 +70,13 @@ def test_each_command_has_help_with_the_exit_status(run, name: str) -> None:
 
 
 def test_the_shared_flags_are_named_alike(run) -> None:
-    names = [name for name, (module, _) in cli.SUBCOMMANDS.items() if importlib.util.find_spec(module) is not None]
-    texts = {name: " ".join(run(name, "--help").stdout.split()) for name in names}
-    for name, flags in {"caption": ("--checkpoint", "--output", "--batch-size", "--device", "--beam-size"),
-                        "evaluate": ("--output",), "prepare": ("--output",),
-                        "serve": ("--checkpoint", "--device", "--beam-size"),
-                        "export": ("--checkpoint", "--output")}.items():
-        if name in texts:
-            assert all(flag in texts[name] for flag in flags), name
+    shared = {"caption": ("--checkpoint", "--output", "--batch-size", "--device", "--beam-size"),
+              "evaluate": ("--output",), "prepare": ("--output",), "serve": ("--checkpoint", "--device", "--beam-size"),
+              "export": ("--checkpoint", "--output")}
+    assert set(shared) == set(cli.SUBCOMMANDS)  # a new command is added here too
+    for name, flags in shared.items():
+        text = " ".join(run(name, "--help").stdout.split())
+        assert all(flag in text for flag in flags), name
 
 
 def test_an_unknown_or_missing_command_is_a_usage_error(run) -> None:
@@ -101,7 +95,7 @@ def test_a_command_that_is_not_installed_is_named_without_a_traceback(monkeypatc
 
 def test_a_command_runs_with_its_arguments_and_its_status(run, tmp_path: Path) -> None:
     done = run("evaluate", str(tmp_path / "absent.json"), "--annotations", str(tmp_path / "a.json"))
-    assert done.returncode == 2 and "absent.json" in done.stdout + done.stderr
+    assert done.returncode == 2 and "absent.json" in done.stderr and done.stdout == ""
     done = run("caption", "x.jpg", "--checkpoint", "c.ckpt", "--beam-size", "0")
     assert done.returncode == 2 and "--beam-size" in done.stderr and "usage: captioning caption" in done.stderr
 
@@ -227,7 +221,7 @@ def test_evaluate_stops_at_once_while_another_process_writes_its_output(run, tmp
                    "--output", str(metrics))
     finally:
         holder.communicate("")
-    text = " ".join((done.stdout + done.stderr).split())
+    text = " ".join(done.stderr.split())
     assert done.returncode == 2 and f"another process is writing --output {metrics}" in text
     assert "absent.json" not in text and not metrics.exists()
 
@@ -247,7 +241,7 @@ def test_evaluate_finds_an_unwritable_output_before_scoring(run, flag: str, tmp_
     blocker.write_text("x")
     done = run("evaluate", str(tmp_path / "absent.json"), "--annotations", str(tmp_path / "a.json"),
                 flag, str(blocker / "m.json"))
-    text = " ".join((done.stdout + done.stderr).split())
+    text = " ".join(done.stderr.split())
     assert done.returncode == 2 and f"{flag} {blocker / 'm.json'}" in text and "absent.json" not in text
 
 

@@ -251,7 +251,7 @@ def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_
         bad_file.write_text(json.dumps(content))
         completed = _run_cli(str(bad_file), "--annotations", str(annotation_file))
         assert completed.returncode == 2, name
-        assert message in " ".join(completed.stdout.split()), (name, completed.stdout)
+        assert message in " ".join(completed.stderr.split()), (name, completed.stderr)
 
     one_reference = tmp_path / "one_reference.json"  # leave-one-out needs 5 references per image
     coco = json.loads(annotation_file.read_text())
@@ -261,7 +261,7 @@ def test_cli_scores_a_results_file_and_refuses_bad_input(tiny_shapes: Path, tmp_
     one_reference.write_text(json.dumps({**coco, "annotations": list(first.values())}))
     completed = _run_cli(str(results_file), "--annotations", str(one_reference), "--leave-one-out")
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
-    assert "--leave-one-out needs images with at least 5 references" in " ".join(completed.stdout.split())
+    assert "--leave-one-out needs images with at least 5 references" in " ".join(completed.stderr.split())
 
     _without_java(monkeypatch, tmp_path)
     completed = _run_cli(str(results_file), "--annotations", str(annotation_file))
@@ -286,7 +286,32 @@ def test_cli_refuses_unreadable_files_naming_them(tmp_path: Path, capsys: pytest
     if problem.startswith("no "):
         (results if "results" in problem else annotations).unlink()
     assert cli.main([str(results), "--annotations", str(annotations)]) == 2
-    assert message.format(results=results, annotations=annotations) in capsys.readouterr().out
+    assert message.format(results=results, annotations=annotations) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["r[x].json", "a[/x].json", "[bold]r.json"])
+def test_cli_names_a_file_with_brackets_as_it_is_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           name: str) -> None:
+    """Error lines are plain text: rich markup would drop ``[x]`` (naming another file) or raise on ``[/x]``."""
+    results, annotations = tmp_path / name, tmp_path / f"annotations {name}"
+    assert cli.main([str(results), "--annotations", str(annotations)]) == 2
+    captured = capsys.readouterr()
+    assert f"results file {results} does not exist" in captured.err and captured.out == ""
+    results.parent.mkdir(exist_ok=True)  # "a[/x].json" is x].json in the folder a[
+    results.write_text('[{"image_id": 1, "caption": "a red circle"}]')
+    assert cli.main([str(results), "--annotations", str(annotations)]) == 2
+    assert f"annotation file {annotations} does not exist" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_java_variable_that_is_no_java_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(JAVA_VARIABLE, str(tmp_path / "nonexistent"))
+    results = tmp_path / "results.json"
+    results.write_text('[{"image_id": 1, "caption": "a red circle"}]')
+    assert cli.main([str(results), "--annotations", str(tmp_path / "absent.json")]) == 2
+    error = capsys.readouterr().err
+    assert f"{JAVA_VARIABLE}={tmp_path / 'nonexistent'} is not an executable java" in error
+    assert "absent.json" not in error  # found before any file is read
 
 
 def _independent_leave_one_out(references: dict[int, list[str]], captions: dict[int, str]

@@ -731,6 +731,6 @@ def test_an_evaluation_with_only_empty_references_names_the_image(tmp_path: Path
     output = tmp_path / "metrics.json"
     assert evaluation_main([str(results), "--annotations", str(annotations), "--no-spice",
                             "--output", str(output)]) == 2
-    error = _one_line(capsys.readouterr().out)
+    error = _one_line(capsys.readouterr().err)
     assert "1 images have only empty reference captions" in error and "image id 2" in error
     assert not output.exists()

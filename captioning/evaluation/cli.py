@@ -13,8 +13,9 @@ scored against the image's other references, and the model's caption against exa
 references (``CocoCaptionEvaluator.leave_one_out``); ``--output`` then also holds
 ``human_loo/<metric>`` and ``model_loo/<metric>``. Compare the human numbers with the model's
 leave-one-out numbers, not with its ordinary scores: those use one reference more.
-Exit status: 0 scored, 2 bad input (the message names the file and the entry) or an output that
-cannot be written (found before scoring).
+Exit status: 0 scored, 2 bad input (the message names the file and the entry), a
+``CAPTIONING_JAVA`` that is no java, or an output that cannot be written (found before scoring).
+Errors go to stderr as plain text: a file name such as ``r[x].json`` is printed as it is.
 """
 
 import argparse
@@ -26,12 +27,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from captioning.data.datasets import load_coco_references, read_json_file
 from captioning.cli_args import EXIT_STATUS_HELP
 from captioning.data.files import check_writable, write_json, writing_alone
 from captioning.errors import InputError
 from captioning.evaluation.coco import CocoCaptionEvaluator
+from captioning.evaluation.java import find_java
 from captioning.progress import progress_bar
 
 
@@ -81,11 +84,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def report_error(message: object) -> None:
+    """One error line on stderr, as the other commands print theirs: plain text, never read as rich markup
+    (a file named ``r[x].json`` would lose its ``[x]``, and ``a[/x].json`` would raise)."""
+    print(f"captioning evaluate: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``evaluate`` command; its outputs are checked and held (no second writer) before anything is read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     args = parse_args(argv)
-    console = Console()
     with ExitStack() as claimed:
         try:
             for flag, path in (("--output", args.output), ("--per-image", args.per_image)):
@@ -93,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                     check_writable(path, flag)
                     claimed.enter_context(writing_alone(path, flag))
         except InputError as error:
-            console.print(f"[red]error:[/red] {error}")
+            report_error(error)
             return 2
-        return evaluate(args, console)
+        try:
+            find_java()  # a CAPTIONING_JAVA that is no java: said now, before minutes of reading and tokenizing
+        except RuntimeError as error:
+            report_error(error)
+            return 2
+        return evaluate(args, Console())
 
 
 def evaluate(args: argparse.Namespace, console: Console) -> int:
@@ -108,7 +121,7 @@ def evaluate(args: argparse.Namespace, console: Console) -> int:
             raise InputError(f"{args.results}: {len(unknown)} image ids are not in {args.annotations}, "
                              f"e.g. {unknown[:5]}")
     except (InputError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        report_error(error)
         return 2
     try:  # references with no word (found once tokenized) cannot be scored
         with progress_bar(True) as bar:  # each phase takes minutes on a full COCO split
@@ -124,13 +137,13 @@ def evaluate(args: argparse.Namespace, console: Console) -> int:
                     loo = evaluator.leave_one_out(captions)
                 bar.update(phase, advance=1, description="scored")
     except InputError as error:
-        console.print(f"[red]error:[/red] {args.annotations}: {error}")
+        report_error(f"{args.annotations}: {error}")
         return 2
     if args.leave_one_out and loo is None:
-        console.print(f"[red]error:[/red] --leave-one-out needs images with at least 5 references; none of the "
-                      f"{len(captions)} scored images in {args.annotations} has that many")
+        report_error(f"--leave-one-out needs images with at least 5 references; none of the {len(captions)} "
+                     f"scored images in {args.annotations} has that many")
         return 2
-    table = Table(title=f"{len(captions)} captions scored against {args.annotations.name}")
+    table = Table(title=Text(f"{len(captions)} captions scored against {args.annotations.name}"))  # no markup
     table.add_column("metric")
     table.add_column("score", justify="right")
     for name, value in result.metrics.items():

@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +43,27 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 # conf/paths resolves the project root (and so data/ and logs/) from this, when the config is composed
 os.environ.setdefault("CAPTIONING_ROOT", str(Path(__file__).resolve().parent))
-# conf/hydra names each run's folder <date>_<time>_<this tag>: runs started in the same second never share one
+
+
+def cluster_run_name(environ: Mapping[str, str]) -> str | None:
+    """The run folder's name shared by ranks that a cluster launcher started as separate ``train.py``
+    processes (each composes its own config, at its own second): the job's name, known to every rank.
+
+    Inside an ``srun`` step of several tasks that is the SLURM job and step; under torchrun, its
+    rendezvous id (``--rdzv-id``; ``--standalone`` draws a fresh one per launch). None elsewhere.
+    """
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in environ and "SLURM_STEP_ID" in environ:
+        return f"slurm-{environ['SLURM_JOB_ID']}.{environ['SLURM_STEP_ID']}"
+    if environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{environ['TORCHELASTIC_RUN_ID']}"
+    return None
+
+
+# conf/hydra names each run's folder <date>_<time>_<this tag>: runs started in the same second never share one;
+# ranks of one cluster job share the job's name (CAPTIONING_RUN_NAME; set it yourself to choose the name)
 os.environ["CAPTIONING_RUN_TAG"] = f"{os.getpid()}-{secrets.token_hex(2)}"
+if "CAPTIONING_RUN_NAME" not in os.environ and (shared_name := cluster_run_name(os.environ)) is not None:
+    os.environ["CAPTIONING_RUN_NAME"] = shared_name
 # the encoder/decoder configs name their schemas (types checked while composing): Hydra must know them first
 register_schemas()
 

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.core.utils import setup_globals
+from omegaconf import OmegaConf
 
 from captioning.rank_watchdog import EXIT_STATUS
 from tests.conftest import PROJECT_ROOT
 from tests.test_train import QUICK, TINY_OVERRIDES, TINY_SHAPES_OVERRIDES
+import train
 
 STOPPED_WITHIN_S = 60
 
@@ -256,3 +259,26 @@ def test_ranks_that_finish_are_never_taken_for_dead(store_port: int) -> None:
     for rank in ranks:
         output, _ = rank.communicate(timeout=30)
         assert rank.returncode == 0 and "error" not in output, output
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, None),
+    ({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "3", "SLURM_NTASKS": "8"}, "slurm-812.3"),
+    ({"SLURM_JOB_ID": "812", "SLURM_NTASKS": "8"}, None),  # salloc's shell: two runs there must not share
+    ({"SLURM_JOB_ID": "812", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1"}, None),  # one task: its own folder
+    ({"TORCHELASTIC_RUN_ID": "none"}, None),
+    ({"TORCHELASTIC_RUN_ID": "b7f3"}, "torchrun-b7f3"),
+])
+def test_the_ranks_of_one_cluster_job_share_one_run_folder(environ: dict[str, str], expected: str | None) -> None:
+    assert train.cluster_run_name(environ) == expected
+    setup_globals()  # Hydra's ${now:} resolver
+    hydra_config = OmegaConf.load(PROJECT_ROOT / "conf" / "hydra" / "default.yaml")
+    hydra_config.paths, hydra_config.task_name = {"log_dir": "logs"}, "train"
+    run_dir = OmegaConf.to_container(hydra_config)["run"]["dir"]  # unresolved
+    if expected is not None:  # every rank composes the same folder, at whatever second it starts
+        os.environ["CAPTIONING_RUN_NAME"] = expected
+        try:
+            assert hydra_config.run.dir == f"logs/train/runs/{expected}"
+        finally:
+            del os.environ["CAPTIONING_RUN_NAME"]
+    assert "${oc.env:CAPTIONING_RUN_NAME," in run_dir

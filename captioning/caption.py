@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from captioning.checkpoints import (VOCAB_FINGERPRINT, check_finite, check_vocabulary, describe, load_checkpoint,
-                                    network_state)
+from captioning.checkpoints import (EDITED, VOCAB_FINGERPRINT, CheckpointError, check_fields, check_finite, describe,
+                                    load_checkpoint, network_state, saved_vocabulary)
 from captioning.cli_args import EXIT_STATUS_HELP, non_negative_float, positive_int
 from captioning.config import LOWEST
 from captioning.data.datasets import IMAGE_EXTENSIONS
@@ -48,6 +48,8 @@ from captioning.models.encoder_decoder import EncoderDecoder, build_encoder_deco
 from captioning.models.encoders import PrecomputedEncoder
 
 log = logging.getLogger(__name__)
+# what rebuilding the model reads of a checkpoint's hyper_parameters (image_size and decoding: checked on their own)
+MODEL_FIELDS = {"vocab": list[str], "encoder": dict, "decoder": dict}
 
 @dataclass
 class CaptionResult:
@@ -112,8 +114,11 @@ class Captioner:
     """
 
     def __init__(self, model: EncoderDecoder, vocab: Vocabulary, image_size: int,
-                 generation: GenerationSettings | None = None, device: str | torch.device = "cpu") -> None:
+                 generation: GenerationSettings | None = None, device: str | torch.device = "cpu",
+                 hyper_parameters: Mapping[str, Any] | None = None) -> None:
         self.device = torch.device(device)
+        # the checkpoint's settings the model was built from (None when built otherwise): export reads them here
+        self.hyper_parameters = hyper_parameters
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.image_size = image_size
@@ -130,24 +135,27 @@ class Captioner:
         the ones its validation would generate for the same images.
         """
         checkpoint = load_checkpoint(path)  # a local file only, read as data (weights_only); errors name the file
-        check_finite(checkpoint, describe(path))  # a diverged run's weights would caption "figures figures ..."
-        path = Path(path)
-        settings = checkpoint.get("hyper_parameters")
-        if not settings or "vocab" not in settings or "state_dict" not in checkpoint:
-            raise ValueError(f"{path} is not a captioning checkpoint (no hyper_parameters.vocab / state_dict)")
-        vocab = Vocabulary(settings["vocab"])
-        check_vocabulary(checkpoint.get(VOCAB_FINGERPRINT), vocab.fingerprint, str(path), "hyper_parameters.vocab")
-        image_size = _image_size(settings.get("image_size"), path)
-        generation = generation_settings(settings, beam_size=beam_size, max_length=max_length, n_best=n_best,
-                                          length_penalty=length_penalty, block_trigrams=block_trigrams)
-        if settings["encoder"].get("_target_") == target_of(PrecomputedEncoder):
-            raise ValueError(f"{path} is a model of precomputed region features (data.precomputed): it has no image "
+        label = describe(path)
+        check_finite(checkpoint, label)  # a diverged run's weights would caption "figures figures ..."
+        settings = checkpoint["hyper_parameters"]  # a dict, as load_checkpoint checked
+        check_fields(settings, MODEL_FIELDS, label, "hyper_parameters.")
+        if settings["encoder"].get("_target_") == target_of(PrecomputedEncoder):  # trained on features: no image_size
+            raise ValueError(f"{label} is a model of precomputed region features (data.precomputed): it has no image "
                              "encoder, so it cannot caption image files; score it with train.py train=false ckpt_path=")
+        vocab = saved_vocabulary(settings["vocab"], checkpoint.get(VOCAB_FINGERPRINT), label, "hyper_parameters.vocab")
+        image_size = check_image_size(settings.get("image_size"), label, "hyper_parameters.image_size")
+        generation = generation_settings(settings, f"{label}: hyper_parameters", beam_size=beam_size,
+                                          max_length=max_length, n_best=n_best, length_penalty=length_penalty,
+                                          block_trigrams=block_trigrams)
         # the checkpoint holds every weight: build the encoder without loading (or downloading) any
         encoder = {**settings["encoder"], "weights": None, "weights_path": None}
-        model = build_encoder_decoder(len(vocab), encoder, settings["decoder"])
-        model.load_state_dict(network_state(checkpoint))
-        return cls(model, vocab, image_size, generation, resolve_device(device))
+        try:  # an unknown _target_ or argument, or a size that is not the weights' one
+            model = build_encoder_decoder(len(vocab), encoder, settings["decoder"])
+            model.load_state_dict(network_state(checkpoint))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{label}: its model settings (hyper_parameters.encoder, hyper_parameters.decoder) "
+                                  f"do not rebuild its weights ({error}); {EDITED}") from None
+        return cls(model, vocab, image_size, generation, resolve_device(device), settings)
 
     def caption(self, images: Sequence[ImageInput], batch_size: int = 16) -> list[CaptionResult]:
         """Captions in input order; ``file`` is each path, or ``<image i>`` (its position) for an image in memory.
@@ -199,17 +207,26 @@ class Captioner:
         return CaptionResult.from_decoded(decoded, self.vocab, names, self.generation.n_best)
 
 
-def _image_size(value: Any, path: Path) -> int:
-    """The checkpoint's input size, checked: another size would feed the model images it was not trained on."""
+def check_image_size(value: Any, label: str, field: str) -> int:
+    """A saved model's input size (``field`` of the checkpoint or export ``label``), checked: another size would
+    feed the model images it was not trained on (0 ran at 224 px)."""
     lowest = int(LOWEST["data.image_size"])
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        raise ValueError(f"{path}: hyper_parameters.image_size is {value!r}, not a whole number >= {lowest}; the "
-                         "checkpoint was edited or damaged: use the file train.py wrote")
+        raise CheckpointError(f"{label}: {field} is {value!r}, not a whole number >= {lowest}; {EDITED}")
     return value
 
 
-def generation_settings(hparams: Mapping[str, Any], n_best: int | None, **overrides: Any) -> GenerationSettings:
-    """The checkpoint's decoding with the given flags; ``--n-best`` is checked here to name the flag to raise."""
+def generation_settings(hparams: Mapping[str, Any], where: str, n_best: int | None = None,
+                        **overrides: Any) -> GenerationSettings:
+    """The saved decoding (``hparams``, read from ``where``) with the given flags.
+
+    The saved settings are checked alone first, so an edited file is named rather than a flag;
+    ``--n-best`` is checked here to name the flag to raise.
+    """
+    try:
+        GenerationSettings.from_hparams(hparams)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: its decoding settings are refused ({error}); {EDITED}") from None
     generation = GenerationSettings.from_hparams(hparams, **overrides)
     if n_best is None:
         return generation

@@ -12,6 +12,7 @@ import logging
 import os
 import pickletools
 import re
+import reprlib
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from captioning.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 # scheme://... (http, https, s3, gs, file, hf, ...): never fetched and unpickled on the fly
@@ -31,6 +34,8 @@ LIGHTNING_KEYS = ("pytorch-lightning_version",)
 RESUME_KEYS = ("pytorch-lightning_version", "optimizer_states", "loops", "epoch", "global_step")
 VOCAB_FINGERPRINT = "vocab_sha256"  # Vocabulary.fingerprint of the words the weights were trained with
 _WRITTEN_BY_TRAIN = "use a checkpoint written by train.py (its run's checkpoints/best.ckpt or last.ckpt)"
+EDITED = "the file was edited or damaged: use an unedited copy (as train.py or `captioning export` wrote it)"
+_KINDS = {dict: "a mapping", bool: "true or false", list[str]: "a list of strings"}  # check_fields' kinds
 
 
 class CheckpointError(ValueError):
@@ -110,6 +115,40 @@ def check_finite(checkpoint: Mapping[str, Any], label: str) -> None:
         raise CheckpointError(f"{label} has non-finite weights ({len(bad)} of {len(state)} tensors hold NaN or "
                               f"infinity, the first {bad[0]}): the run that wrote it diverged (a learning rate "
                               "too high?), so it is not used; take an earlier checkpoint or retrain")
+
+
+def check_fields(settings: Mapping[str, Any], schema: Mapping[str, Any], label: str, where: str) -> None:
+    """Refuse saved settings (a checkpoint's hyper_parameters, an export's settings.json) with a field missing or of
+    another kind, naming the file (``label``) and the field (``where`` + its name); an edited file would otherwise
+    fail later, in a traceback. ``schema``: field -> a kind of ``_KINDS``, or a nested schema (a mapping)."""
+    for key, kind in schema.items():
+        field = f"{where}{key}"
+        if key not in settings:
+            raise CheckpointError(f"{label}: {field} is missing; {EDITED}")
+        value = settings[key]
+        if isinstance(kind, Mapping):
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{label}: {field} is {reprlib.repr(value)}, not a mapping; {EDITED}")
+            check_fields(value, kind, label, f"{field}.")
+        elif not _is_a(value, kind):
+            raise CheckpointError(f"{label}: {field} is {reprlib.repr(value)}, not {_KINDS[kind]}; {EDITED}")
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind == list[str]:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return isinstance(value, kind)
+
+
+def saved_vocabulary(tokens: list[str], recorded: str | None, label: str, where: str) -> Vocabulary:
+    """The vocabulary saved beside a model's weights (``where`` in ``label``), refused when it is none (special
+    tokens missing, a word repeated) or not the one the weights were trained with (``check_vocabulary``)."""
+    try:
+        vocab = Vocabulary(tokens)
+    except ValueError as error:
+        raise CheckpointError(f"{label}: {where} is refused: {error}; {EDITED}") from None
+    check_vocabulary(recorded, vocab.fingerprint, label, where)
+    return vocab
 
 
 def check_vocabulary(recorded: str | None, fingerprint: str, label: str, where: str) -> None:

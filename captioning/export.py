@@ -35,8 +35,8 @@ from safetensors.torch import save_model
 from torch import nn
 
 from captioning.caption import Captioner
-from captioning.checkpoints import VOCAB_FINGERPRINT, load_checkpoint
-from captioning.data.files import replace_directory, write_json
+from captioning.checkpoints import VOCAB_FINGERPRINT
+from captioning.data.files import check_writable, replace_directory, write_json, writing_alone
 from captioning.decoding import HPARAM_FIELDS
 from captioning.errors import InputError
 from captioning.models.decoders import PreparedImages, State
@@ -109,11 +109,18 @@ def export_model(checkpoint: Path, output: Path) -> dict[str, Any]:
     """Write the export folder ``output`` (see the module's docstring); returns its settings.
 
     The folder is written beside ``output`` first and renamed into place, so ``output`` is either the
-    old export or the whole new one. An existing ``output`` must be empty or an earlier export.
+    old export or the whole new one. An existing ``output`` must be empty or an earlier export; it is
+    checked, and held against a second export to it, before the checkpoint is read.
     """
+    output = output.resolve()  # "." or "x/.." names no folder to write beside; resolved, it does
     _check_output(output)
-    settings = load_checkpoint(checkpoint, "--checkpoint")["hyper_parameters"]
-    captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
+    with writing_alone(output, "--output"):  # a second export to it stops here, before its work
+        return _export(Captioner.from_checkpoint(checkpoint, device="cpu"), checkpoint, output)
+
+
+def _export(captioner: Captioner, checkpoint: Path, output: Path) -> dict[str, Any]:
+    """``export_model`` once ``output`` is checked and held."""
+    settings = captioner.hyper_parameters
     model = captioner.model.eval()
     size = captioner.image_size
     images = torch.rand(_EXAMPLE_BATCH, 3, size, size)  # (batch, 3, size, size) pixels in [0, 1]
@@ -133,7 +140,6 @@ def export_model(checkpoint: Path, output: Path) -> dict[str, Any]:
         "step": {"inputs": ["tokens", *state_names, *names],
                  "outputs": ["logits", *new_state_names, *(["attention"] if attention else [])]},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir()  # the umask's permissions, as the folder a user makes (mkdtemp's would be private)
     try:
@@ -174,7 +180,11 @@ def _names(graph: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def _check_output(output: Path) -> None:
-    """Refuse to replace a folder that holds something other than an earlier export."""
+    """Refuse an output that cannot be written (its folder is missing rights, or is a file), or a folder that holds
+    something other than an earlier export; ``output`` is resolved (it has a name and a parent folder)."""
+    if not output.name:
+        raise InputError(f"--output {output} is the root folder; give a folder to write (it is created if missing)")
+    check_writable(output.parent, f"--output {output}: its folder", folder=True)  # the export is written there first
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output} is a file; give a folder (it is created if missing)")
     if output.is_dir() and any(output.iterdir()) and not (output / SETTINGS_FILE).is_file():

@@ -20,13 +20,17 @@ import numpy as np
 import onnxruntime
 import torch
 
-from captioning.caption import Captioner, generation_settings
-from captioning.checkpoints import VOCAB_FINGERPRINT, check_vocabulary
+from captioning.caption import Captioner, check_image_size, generation_settings
+from captioning.checkpoints import EDITED, VOCAB_FINGERPRINT, CheckpointError, check_fields, saved_vocabulary
 from captioning.data.vocab import Vocabulary
 from captioning.decoding import HPARAM_FIELDS
 from captioning.export import FORMAT, FORMAT_VERSION, GRAPH_FILES, SETTINGS_FILE, VOCAB_FILE
 from captioning.models.decoders import DecoderOutput, PreparedImages, State
 from captioning.models.encoders import EncodedImages
+
+# what captioning reads of settings.json besides format, image_size and the vocabulary's fingerprint
+SETTINGS_FIELDS = {"generation": dict, "prepared": list[str], "attention": bool,
+                   "graphs": {"init_state": {"outputs": list[str]}}}
 
 
 class OnnxGraph:
@@ -109,7 +113,8 @@ class OnnxEncoderDecoder:
 
 
 def read_export(directory: str | Path) -> tuple[dict[str, Any], Vocabulary]:
-    """An export folder's settings and vocabulary, checked to be this format; errors name the folder."""
+    """An export folder's settings and vocabulary, checked to be this format with the fields captioning reads;
+    errors name the folder, the file and the field."""
     directory = Path(directory)
     settings_file = directory / SETTINGS_FILE
     if not settings_file.is_file():
@@ -125,11 +130,30 @@ def read_export(directory: str | Path) -> tuple[dict[str, Any], Vocabulary]:
     if settings.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"--onnx {directory} is format version {settings.get('format_version')}, this version reads "
                          f"{FORMAT_VERSION}: export the checkpoint again")
+    label = f"--onnx {directory}"
+    check_fields(settings, SETTINGS_FIELDS, label, f"{SETTINGS_FILE}: ")
+    check_image_size(settings.get("image_size"), label, f"{SETTINGS_FILE}: image_size")
     if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
-        raise ValueError(f"--onnx {directory}: {VOCAB_FILE} must be a JSON list of words")
-    vocab = Vocabulary(tokens)
-    check_vocabulary(settings.get(VOCAB_FINGERPRINT), vocab.fingerprint, f"--onnx {directory}", VOCAB_FILE)
-    return settings, vocab
+        raise ValueError(f"{label}: {VOCAB_FILE} must be a JSON list of words")
+    return settings, saved_vocabulary(tokens, settings.get(VOCAB_FINGERPRINT), label, VOCAB_FILE)
+
+
+def _check_graphs(graphs: Mapping[str, OnnxGraph], settings: Mapping[str, Any], label: str) -> None:
+    """The graphs must be the ones ``settings.json`` describes: an edited image_size or name list would
+    otherwise fail inside onnxruntime, naming neither the file nor the field."""
+    images = graphs["encoder"].session.get_inputs()[0].shape  # (batch, 3, size, size); a dynamic axis is a name
+    size = settings["image_size"]
+    if any(isinstance(dim, int) and dim != size for dim in images[2:]):
+        raise CheckpointError(f"{label}: {SETTINGS_FILE}: image_size is {size}, but {GRAPH_FILES['encoder']} takes "
+                              f"{images[2]}x{images[3]} images; {EDITED}")
+    states = settings["graphs"]["init_state"]["outputs"]
+    attention = ["attention"] if settings["attention"] else []
+    described = {"encoder": settings["prepared"], "init_state": states,
+                 "step": ["logits", *(f"new_{name}" for name in states), *attention]}
+    for name, outputs in described.items():
+        if graphs[name].outputs != outputs:
+            raise CheckpointError(f"{label}: {SETTINGS_FILE} (prepared, graphs, attention) names the outputs "
+                                  f"{outputs} for {GRAPH_FILES[name]}, which has {graphs[name].outputs}; {EDITED}")
 
 
 def onnx_captioner(directory: str | Path, beam_size: int | None = None, max_length: int | None = None,
@@ -144,8 +168,10 @@ def onnx_captioner(directory: str | Path, beam_size: int | None = None, max_leng
     directory = Path(directory)
     settings, vocab = read_export(directory)
     graphs = {name: OnnxGraph(directory / file, threads) for name, file in GRAPH_FILES.items()}
+    _check_graphs(graphs, settings, f"--onnx {directory}")
     hparams = {key: settings["generation"].get(key) for key in HPARAM_FIELDS}
-    generation = generation_settings(hparams, beam_size=beam_size, max_length=max_length, n_best=n_best,
-                                      length_penalty=length_penalty, block_trigrams=block_trigrams)
+    generation = generation_settings(hparams, f"--onnx {directory}: {SETTINGS_FILE}: generation", beam_size=beam_size,
+                                      max_length=max_length, n_best=n_best, length_penalty=length_penalty,
+                                      block_trigrams=block_trigrams)
     decoder = OnnxDecoder(graphs["init_state"], graphs["step"], settings)
     return Captioner(OnnxEncoderDecoder(graphs["encoder"], decoder), vocab, settings["image_size"], generation)

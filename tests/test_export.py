@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_model
 from captioning.caption import Captioner
 from captioning.caption import main as caption_main
 from captioning.checkpoints import load_checkpoint, network_state
+from captioning.data.files import locked
 from captioning.export import GRAPH_FILES, SETTINGS_FILE, VOCAB_FILE, WEIGHTS_FILE
 from captioning.export import main as export_main
 from captioning.models.encoder_decoder import build_encoder_decoder
@@ -140,3 +142,56 @@ def test_caption_onnx_refuses_a_reordered_vocabulary(exported: tuple[Path, Path]
     image.write_bytes(b"")
     assert caption_main([str(image), "--onnx", str(edited)]) == 2
     assert f"its vocabulary ({VOCAB_FILE}) is not the one its weights were trained with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("place", ["under_a_file", "unwritable", "dot", "held"])
+def test_export_checks_its_output_before_reading_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture, place: str) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)  # "." is tmp_path, which holds a_file: no export to replace
+    output, expected = {"under_a_file": (tmp_path / "a_file" / "exp", "a_file is a file, not a folder"),
+                        "unwritable": (Path("/proc/nope/exp"), "cannot be written"),
+                        "dot": (Path("."), f"--output {tmp_path} is a folder that holds other files"),
+                        "held": (tmp_path / "exp", "another process is writing --output")}[place]
+    with locked(tmp_path / ".exp.lock"):  # only "held" writes there: another export of the same folder
+        assert export_main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--output", str(output)]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "--output" in error and expected in error, error
+    assert "missing.ckpt" not in error and "Traceback" not in error  # refused before the checkpoint is read
+
+
+def _pop(field: str) -> Callable[[dict], None]:
+    return lambda settings: settings.pop(field)
+
+
+def _set(**fields: object) -> Callable[[dict], None]:
+    return lambda settings: settings.update(fields)
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (_pop("generation"), "settings.json: generation is missing"),
+    (_pop("prepared"), "settings.json: prepared is missing"),
+    (_set(generation=[3]), "settings.json: generation is [3], not a mapping"),
+    (_set(graphs={"init_state": {"outputs": "state_0"}}),
+     "settings.json: graphs.init_state.outputs is 'state_0', not a list of strings"),
+    (_set(image_size=0), "settings.json: image_size is 0, not a whole number >= 32"),
+    (_set(image_size=96), "settings.json: image_size is 96, but encoder.onnx takes 64x64 images"),
+    (lambda settings: settings["generation"].update(beam_size=0),
+     "settings.json: generation: its decoding settings are refused (beam_size must be an integer >= 1, got 0)"),
+    (lambda settings: settings.update(attention=not settings["attention"]),
+     "settings.json (prepared, graphs, attention) names the outputs"),
+], ids=["no_generation", "no_prepared", "generation_list", "state_names_text", "image_size_0", "image_size_96",
+        "beam_size_0", "attention_flipped"])
+def test_caption_onnx_names_an_edited_settings_field(exported: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture, edit: Callable[[dict], None],
+                                                     expected: str) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(exported[1], edited)
+    settings = json.loads((edited / SETTINGS_FILE).read_text())
+    edit(settings)
+    (edited / SETTINGS_FILE).write_text(json.dumps(settings))
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")  # never opened: the export is refused first
+    assert caption_main([str(image), "--onnx", str(edited)]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert f"--onnx {edited}: {expected}" in error and "Traceback" not in error, error

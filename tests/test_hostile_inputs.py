@@ -708,7 +708,24 @@ def _swap_two_words(checkpoint: dict) -> None:
     (lambda checkpoint: checkpoint["hyper_parameters"].update(image_size="224"),
      "hyper_parameters.image_size is '224', not a whole number >= 32"),
     (_swap_two_words, "its vocabulary (hyper_parameters.vocab) is not the one its weights were trained with"),
-], ids=["image_size_0", "image_size_text", "swapped_vocabulary"])
+    (lambda checkpoint: checkpoint["hyper_parameters"].pop("encoder"), "hyper_parameters.encoder is missing"),
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(vocab=5),
+     "hyper_parameters.vocab is 5, not a list of strings"),
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(vocab=VOCAB[4:]),
+     "hyper_parameters.vocab is refused: a vocabulary must start with the special tokens"),
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(vocab=[*VOCAB, "a"]),
+     "hyper_parameters.vocab is refused: a vocabulary must not repeat a token"),
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(decoder=["ShowTellDecoder"]),
+     "hyper_parameters.decoder is ['ShowTellDecoder'], not a mapping"),
+    (lambda checkpoint: checkpoint["hyper_parameters"]["decoder"].update(hidden_size=16),
+     "its model settings (hyper_parameters.encoder, hyper_parameters.decoder) do not rebuild its weights"),
+    (lambda checkpoint: checkpoint["hyper_parameters"]["encoder"].update(_target_="os.system"),
+     "do not rebuild its weights (model.encoder._target_ is 'os.system', which is not a known component"),
+    (lambda checkpoint: checkpoint["hyper_parameters"].update(beam_size=0),
+     "hyper_parameters: its decoding settings are refused (beam_size must be an integer >= 1, got 0)"),
+], ids=["image_size_0", "image_size_text", "swapped_vocabulary", "no_encoder", "vocab_not_a_list",
+        "vocab_without_special_tokens", "vocab_repeats_a_word", "decoder_not_a_mapping", "decoder_size_edited",
+        "unknown_encoder_target", "beam_size_0"])
 def test_an_edited_checkpoint_is_refused_by_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    edit: Callable[[dict], None], expected: str) -> None:
     assert Captioner.from_checkpoint(_small_checkpoint(tmp_path), device="cpu").image_size == 32
@@ -717,6 +734,22 @@ def test_an_edited_checkpoint_is_refused_by_caption(tmp_path: Path, capsys: pyte
     error = _one_line(capsys.readouterr().err)
     assert str(path) in error and expected in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "export"])
+def test_an_edited_checkpoint_is_refused_by_serve_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            command: str) -> None:
+    from captioning.export import main as export_main
+    from captioning.serve.cli import main as serve_main
+
+    path = _small_checkpoint(tmp_path, lambda checkpoint: checkpoint["hyper_parameters"].pop("encoder"))
+    if command == "serve":
+        assert serve_main(["--checkpoint", str(path), "--device", "cpu", "--port", "0"]) == 2
+    else:
+        assert export_main(["--checkpoint", str(path), "--output", str(tmp_path / "exported")]) == 2
+        assert not (tmp_path / "exported").exists()
+    error = _one_line(capsys.readouterr().err)
+    assert f"checkpoint {path}: hyper_parameters.encoder is missing" in error and "Traceback" not in error
 
 
 def test_an_evaluation_with_only_empty_references_names_the_image(tmp_path: Path,

@@ -35,12 +35,42 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (no NaN, no infinity)."""
+def int_between(lowest: int, highest: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``lowest`` to ``highest``, both included."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {lowest} to {highest}, got {text!r}"
+                                             ) from None
+        if not lowest <= value <= highest:
+            raise argparse.ArgumentTypeError(f"must be from {lowest} to {highest}, got {value}")
+        return value
+
+    parse.__name__ = f"int_between_{lowest}_{highest}"
+    return parse
+
+
+port = int_between(0, 65535)  # a TCP port; 0: any free one
+
+
+def _finite_float(text: str, bound: str, accept: Callable[[float], bool]) -> float:
+    """``text`` as a finite number that ``accept``s, else the ``ArgumentTypeError`` saying it must be ``bound``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}") from None
+    if not math.isfinite(value) or not accept(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (no NaN, no infinity)."""
+    return _finite_float(text, ">= 0", lambda value: value >= 0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a size limit, say: 0 would refuse everything)."""
+    return _finite_float(text, "> 0", lambda value: value > 0)

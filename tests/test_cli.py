@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from captioning import cli
-from captioning.cli_args import int_at_least, non_negative_float, positive_int
+from captioning.cli_args import int_at_least, int_between, non_negative_float, port, positive_float, positive_int
 from captioning.data.files import check_writable, write_json, write_text, writing_alone
 from captioning.errors import InputError
 from tests.conftest import PROJECT_ROOT
@@ -107,6 +107,18 @@ def test_a_command_runs_with_its_arguments_and_its_status(run, tmp_path: Path) -
 def test_a_non_negative_float_refuses_nan_infinity_and_negatives(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         non_negative_float(text)
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive_float(text)
+
+
+def test_a_positive_float_refuses_zero_and_a_port_its_range() -> None:
+    assert positive_float("0.5") == 0.5 and port("0") == 0 and port("65535") == 65535 and int_between(1, 3)("3") == 3
+    for parse, text, message in ((positive_float, "0", "must be a finite number > 0, got '0'"),
+                                 (port, "65536", "must be from 0 to 65535, got 65536"),
+                                 (port, "-1", "must be from 0 to 65535, got -1"),
+                                 (port, "80.5", "must be a whole number from 0 to 65535, got '80.5'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
 
 
 def test_the_int_types_hold_their_bounds() -> None:

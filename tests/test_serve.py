@@ -1,12 +1,16 @@
 """``captioning serve``: the real server in a subprocess, its JSON API under hostile uploads, and the page in a
 real headless Chromium (Debian's ``chromium`` and ``chromedriver``; ``.ci/run`` installs them)."""
 
+import asyncio
+import io
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.caption import Captioner
+from captioning.caption import Captioner, CaptionResult
+from captioning.data.images import MAX_PIXELS
+from captioning.serve.app import DEFAULT_MAX_PIXELS, CaptionQueue
 from captioning.serve.cli import main as serve_main
 from tests.conftest import PROJECT_ROOT
 from tests.test_caption import attention_checkpoint  # noqa: F401 (a fixture: a tiny trained attention model)
@@ -156,10 +162,95 @@ def test_serve_refuses_a_bad_checkpoint_and_flags_with_status_2(tmp_path: Path, 
     assert serve_main(["--checkpoint", str(junk)]) == 2
     assert "junk.ckpt" in capsys.readouterr().err
     for flags, named in ((["--port", "70000"], "--port"), (["--max-upload-mb", "0"], "--max-upload-mb"),
-                         (["--beam-size", "0"], "--beam-size")):
+                         (["--beam-size", "0"], "--beam-size"), (["--max-pixels", "0"], "--max-pixels"),
+                         (["--max-pixels", str(MAX_PIXELS + 1)], "--max-pixels")):
         with pytest.raises(SystemExit) as stop:
             serve_main(["--checkpoint", str(junk), *flags])
         assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_serve_refuses_a_busy_port_or_a_foreign_host_before_loading_the_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing.ckpt"  # never looked at: the address is bound first
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        assert serve_main(["--checkpoint", str(missing), "--port", str(busy)]) == 2
+    error = capsys.readouterr().err
+    assert f"another program listens on --port {busy}" in error and str(missing) not in error
+    assert serve_main(["--checkpoint", str(missing), "--host", "203.0.113.1", "--port", "0"]) == 2  # TEST-NET-3
+    error = capsys.readouterr().err
+    assert "--host 203.0.113.1 is not an address of this machine" in error and str(missing) not in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.slow
+def test_serve_refuses_more_captions_than_the_beam_naming_the_flags(attention_checkpoint: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    assert serve_main(["--checkpoint", str(attention_checkpoint), "--port", "0", "--device", "cpu",
+                       "--beam-size", "2", "--n-best", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "--n-best must be between 1 and the beam size (2), got 3" in error and "--beam-size 3" in error
+
+
+@pytest.mark.slow
+def test_an_image_of_too_many_pixels_gets_413_from_its_header(server: str, photo: Path) -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buffer, format="PNG")  # under PIL's own limit, over the server's
+    assert len(buffer.getvalue()) < 100_000 and 9000 * 9000 > DEFAULT_MAX_PIXELS
+    response = _post(server, buffer.getvalue(), name="bomb.png")
+    assert response.status_code == 413, response.text
+    message = response.json()["error"]
+    assert "bomb.png has 81000000 pixels" in message and f"limit of {DEFAULT_MAX_PIXELS}" in message
+    assert "--max-pixels" in message
+    header_only = _png_header(20000, 20000)  # over twice PIL's limit: PIL refuses even to open it, named as a bomb
+    response = _post(server, header_only, name="huge.png")
+    assert response.status_code == 400 and "huge.png cannot be used as an image" in response.json()["error"]
+    assert _post(server, photo.read_bytes()).status_code == 200
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG of 8-bit gray pixels that declares ``width`` x ``height`` and holds no pixel data at all."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+class _FailingCaptioner:
+    """``caption_files`` as the real one, except that any batch holding a ``b"poison"`` upload raises."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def caption_files(self, uploads: list[bytes], batch_size: int) -> list[CaptionResult]:
+        self.batches.append(len(uploads))
+        if b"poison" in uploads:
+            raise RuntimeError("the model failed on this upload")
+        return [CaptionResult(upload.decode(), upload.decode(), 0.0, []) for upload in uploads]
+
+
+def test_one_upload_that_breaks_a_batch_fails_alone() -> None:
+    captioner = _FailingCaptioner()
+    uploads = [b"a", b"poison", b"b", b"c"]
+
+    async def submit_together() -> list[CaptionResult | BaseException]:
+        queue = CaptionQueue(captioner)  # type: ignore[arg-type]
+        pending = [asyncio.ensure_future(queue.caption(upload)) for upload in uploads]
+        await asyncio.sleep(0)  # all four queued before the worker takes its first batch
+        queue.start()
+        try:
+            return await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            await queue.stop()
+
+    outcomes = asyncio.run(submit_together())
+    assert captioner.batches == [4, 1, 1, 1, 1]  # the batch, then each upload alone
+    assert [outcome.caption for outcome in outcomes if isinstance(outcome, CaptionResult)] == ["a", "b", "c"]
+    assert isinstance(outcomes[1], RuntimeError) and "failed on this upload" in str(outcomes[1])
 
 
 def _chromium() -> tuple[str, Path]:

@@ -1,14 +1,19 @@
 """The demo server's web app: the page, ``POST /caption``, and the guards that keep it serving.
 
 Every upload is treated as hostile: a request body over the size limit is refused with 413 as soon
-as its header (or its bytes) say so, before it is parsed or stored; bytes that are not an image
-get 400; every error is JSON ``{"error": ...}``. Requests are queued and captioned in batches by one
-worker, so concurrent uploads share model calls instead of racing for the model, and a full queue
-answers 503 rather than piling up memory.
+as its header (or its bytes) say so, before it is parsed or stored; an image of more pixels than
+the server's limit is refused with 413 from its header, before it is decoded (a 78 KB PNG can
+declare 9000x9000 pixels: 240 MB decoded); bytes that are not an image get 400; every error is JSON
+``{"error": ...}``. Requests are queued and captioned in batches by one worker, so concurrent uploads
+share model calls instead of racing for the model, and a full queue answers 503 rather than piling
+up memory. Should a batch fail, each of its uploads is captioned alone, so only the one that fails
+answers 500.
 """
 
 import asyncio
+import io
 import logging
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.resources import files
@@ -18,6 +23,7 @@ import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException
 
 from captioning.caption import Captioner, CaptionResult
@@ -29,6 +35,7 @@ PAGE = files("captioning.serve") / "static" / "index.html"
 CAPTION_PATH = "/caption"
 MAX_BATCH = 8  # uploads captioned in one model call
 MAX_QUEUED = 64  # uploads waiting; more are refused with 503 (each holds its bytes in memory)
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 Mpx: a large camera's photo; 120 MB once decoded to RGB
 
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
@@ -106,12 +113,7 @@ class CaptionQueue:
             batch = [await self.queue.get()]
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            try:
-                outcomes = await asyncio.to_thread(
-                    lambda: list(self.captioner.caption_files([data for data, _ in batch], batch_size=len(batch))))
-            except Exception as error:  # a model failure answers these requests; the worker goes on
-                log.exception("captioning a batch of %d uploads failed", len(batch))
-                outcomes = [error] * len(batch)
+            outcomes = await self._caption_batch([data for data, _ in batch])
             for (_, future), outcome in zip(batch, outcomes):
                 if future.done():  # the client went away
                     continue
@@ -119,6 +121,31 @@ class CaptionQueue:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+    async def _caption_batch(self, uploads: list[bytes]) -> list[CaptionResult | Exception]:
+        """Each upload's outcome; a failure of the batch is retried upload by upload, so one upload that breaks
+        the model answers 500 alone and the others still get their captions. The worker goes on either way."""
+        try:
+            return await asyncio.to_thread(
+                lambda: list(self.captioner.caption_files(uploads, batch_size=len(uploads))))
+        except Exception as error:
+            if len(uploads) == 1:
+                log.exception("captioning an upload failed")
+                return [error]
+            log.warning("captioning a batch of %d uploads failed (%r): captioning each alone", len(uploads), error)
+            return [(await self._caption_batch([upload]))[0] for upload in uploads]
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height as the image file's header declares them, nothing decoded; None when PIL cannot read
+    the header (the captioner then decodes nothing either and says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the server's limit is checked here
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width * image.height
+    except Exception:  # noqa: BLE001 - any header PIL cannot read fails again, named, in the captioner
+        return None
 
 
 def result_json(result: CaptionResult) -> dict[str, Any]:
@@ -131,8 +158,12 @@ def result_json(result: CaptionResult) -> dict[str, Any]:
             "words": result.words, "attention": attention}
 
 
-def create_app(captioner: Captioner, max_upload_bytes: int = 20 * 2**20) -> FastAPI:
-    """The app serving ``captioner``: ``GET /`` the page, ``POST /caption`` (multipart field ``file``) its JSON."""
+def create_app(captioner: Captioner, max_upload_bytes: int = 20 * 2**20,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
+    """The app serving ``captioner``: ``GET /`` the page, ``POST /caption`` (multipart field ``file``) its JSON.
+
+    Uploads over ``max_upload_bytes`` or images of more than ``max_pixels`` are refused with 413.
+    """
     queue = CaptionQueue(captioner)
     app = FastAPI(title="captioning", lifespan=_lifespan(queue), docs_url=None, redoc_url=None)
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
@@ -164,6 +195,10 @@ def create_app(captioner: Captioner, max_upload_bytes: int = 20 * 2**20) -> Fast
         name = file.filename or "the upload"
         if not data:
             return error_response(400, f"{name} is empty: choose an image file")
+        pixels = await asyncio.to_thread(header_pixels, data)
+        if pixels is not None and pixels > max_pixels:
+            return error_response(413, f"{name} has {pixels} pixels, more than the server's limit of {max_pixels} "
+                                       "(captioning serve --max-pixels): send a smaller image")
         try:
             outcome = await queue.caption(data)
         except asyncio.QueueFull:

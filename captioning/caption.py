@@ -265,14 +265,18 @@ def save_attention_map(result: CaptionResult, output: Path) -> None:
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files, folders (their images, recursively, sorted) and globs, in order, each file once."""
+    """Files, folders (their images, recursively, sorted) and globs, in order, each file once.
+
+    Only folders are left out: a FIFO, device or broken link named like an image is kept, so that
+    reading it reports it as skipped (``images._check_regular_file``) instead of it vanishing silently.
+    """
     seen: dict[Path, None] = {}
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
         elif any(char in item for char in "*?["):
-            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).is_file()]
+            found = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if not Path(p).is_dir()]
         else:
             found = [path]
         for file in found:
@@ -351,11 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError, RuntimeError) as error:
             print(f"caption: {error}", file=sys.stderr)
             return 2
-        results, failed = _caption_all(captioner, files, args)
+        results, failed, unmapped = _caption_all(captioner, files, args)
         _write_results(format_results(results, args.output_format, n_best=args.n_best is not None), args.output)
     if failed:
         print(f"caption: {failed} of {len(files)} images could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    if unmapped:
+        print(f"caption: the attention maps of {unmapped} images could not be written (their captions were)",
+              file=sys.stderr)
+    return 1 if failed or unmapped else 0
 
 
 def _claim_outputs(args: argparse.Namespace, claimed: ExitStack) -> None:
@@ -367,9 +374,14 @@ def _claim_outputs(args: argparse.Namespace, claimed: ExitStack) -> None:
         check_writable(args.attention_maps, "--attention-maps", folder=True)
 
 
-def _caption_all(captioner: Captioner, files: list[Path], args: argparse.Namespace) -> tuple[list[CaptionResult], int]:
-    """Every readable file's result (and its attention figure), and how many files were skipped."""
-    results, failed = [], 0
+def _caption_all(captioner: Captioner, files: list[Path], args: argparse.Namespace
+                 ) -> tuple[list[CaptionResult], int, int]:
+    """Every readable file's result, how many files were skipped, and how many attention figures failed.
+
+    A figure that cannot be written (a full disk, the image changed since) is that image's error:
+    the run goes on, and every caption is still written.
+    """
+    results, failed, unmapped = [], 0, 0
     for outcome in captioner.caption_files(files, args.batch_size, progress=len(files) > args.batch_size):
         if isinstance(outcome, BadImageError):
             failed += 1
@@ -377,10 +389,16 @@ def _caption_all(captioner: Captioner, files: list[Path], args: argparse.Namespa
             continue
         results.append(outcome)
         if args.attention_maps is not None and outcome.attention is not None:
-            save_attention_map(outcome, args.attention_maps / f"{len(results):05d}_{Path(outcome.file).stem}.png")
+            figure = args.attention_maps / f"{len(results):05d}_{Path(outcome.file).stem}.png"
+            try:
+                save_attention_map(outcome, figure)
+            except (OSError, ValueError) as error:  # BadImageError is a ValueError
+                unmapped += 1
+                print(f"caption: could not write the attention map of {outcome.file} to {figure}: {error}",
+                      file=sys.stderr)
     if args.attention_maps is not None and results and results[0].attention is None:
         print("caption: this model has no attention, so no attention maps were written", file=sys.stderr)
-    return results, failed
+    return results, failed, unmapped
 
 
 def _write_results(text: str, output: Path | None) -> None:

@@ -196,7 +196,8 @@ class CaptioningLitModule(pl.LightningModule):
 
         ``batch``: a ``CaptionBatch`` (this project's data loaders; results carry the ``image_id``, and
         ``file`` names it: "<image id 42>") or a (batch, 3, s, s) tensor of pixels in [0, 1] at the trained
-        ``image_size``, as ``build_image_transform`` makes them (named "<batch 3 image 0>").
+        ``image_size``, as ``build_image_transform`` makes them (named "<batch 3 image 0>"). Pixels of
+        another size or range (0..255, say) are refused: the model would caption them, wrongly, without a word.
         """
         if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
             return []
@@ -205,7 +206,16 @@ class CaptioningLitModule(pl.LightningModule):
             features = self.encode_batch(batch)
             image_ids = batch.image_ids.tolist()
             names = [f"<image id {image_id}>" for image_id in image_ids]
-        elif isinstance(batch, torch.Tensor) and batch.dim() == 4:
+        elif isinstance(batch, torch.Tensor) and batch.dim() == 4 and batch.shape[1] == 3:
+            size, expect = self.hparams.image_size, "build_image_transform(module.hparams.image_size) makes them"
+            if size is not None and tuple(batch.shape[2:]) != (size, size):
+                raise ValueError(f"predict_step: batch {batch_idx} holds {batch.shape[2]}x{batch.shape[3]} images; "
+                                 f"this model was trained at {size}x{size}: {expect}")
+            low, high = (batch.min().item(), batch.max().item()) if batch.numel() else (0, 0)
+            if not batch.is_floating_point() or not torch.isfinite(batch).all() or low < 0 or high > 1:
+                raise ValueError(f"predict_step: batch {batch_idx} holds {batch.dtype} values from {low:g} to "
+                                 f"{high:g}; it takes floating-point pixels in [0, 1] (ToTensor's range), as "
+                                 f"{expect}: divide 0..255 values by 255")
             features = self.net.encode(batch)
             names = [f"<batch {batch_idx} image {row}>" for row in range(batch.shape[0])]
         else:

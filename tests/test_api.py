@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_tensor
 
 from captioning.caption import Captioner, CaptionResult
-from captioning.data.images import BadImageError
+from captioning.data.images import BadImageError, open_rgb
 from captioning.data.transforms import build_image_transform
 from captioning.data.vocab import Vocabulary
 from captioning.models.encoder_decoder import build_encoder_decoder, target_of
@@ -81,6 +81,8 @@ def test_grayscale_array_is_captioned_as_its_grayscale_file(captioner: Captioner
     (np.zeros((8, 8, 4), dtype=np.uint8), r"<image 1>: an array image must be \(H, W, 3\) RGB or \(H, W\) grayscale"),
     (torch.full((3, 8, 8), 2.0), r"<image 1>: a floating-point tensor image must hold values in \[0, 1\]"),
     (torch.zeros(8, 8, 3, dtype=torch.uint8), r"<image 1>: a tensor image must be \(3, H, W\)"),
+    (torch.zeros(3, 0, 8), r"<image 1>: a tensor image of shape \(3, 0, 8\) holds no pixels"),
+    (torch.zeros(1, 8, 0, dtype=torch.uint8), r"<image 1>: a tensor image of shape \(1, 8, 0\) holds no pixels"),
 ])
 def test_a_bad_image_in_memory_is_named_by_its_position(captioner: Captioner, tiny_shapes: Path, bad: object,
                                                         message: str) -> None:
@@ -123,7 +125,7 @@ def test_trainer_predict_gives_the_captioners_captions(trained: tuple[Path, Path
     module = CaptioningLitModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     files = _photos(tiny_shapes, 5)
     transform = build_image_transform(module.hparams.image_size)
-    pixels = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])  # (5, 3, s, s)
+    pixels = torch.stack([transform(open_rgb(f)[0]) for f in files])  # (5, 3, s, s), upright as README shows
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     predicted = [r for batch in trainer.predict(module, DataLoader(pixels, batch_size=2)) for r in batch]
     expected = captioner.caption(files, batch_size=2)  # batched alike, so equal to the last bit
@@ -146,9 +148,20 @@ def test_predict_step_refuses_what_it_cannot_caption() -> None:
     vocab = ["<pad>", "<bos>", "<eos>", "<unk>", "a"]
     module = CaptioningLitModule(vocab, {"_target_": target_of(CNNEncoder), "weights": None},
                                  {"_target_": "captioning.models.decoders.ShowTellDecoder", "embed_dim": 8,
-                                  "hidden_size": 16})
-    with pytest.raises(TypeError, match=r"predict_step takes a CaptionBatch or a \(batch, 3, H, W\) tensor"):
-        module.predict_step(torch.zeros(3, 8, 8), 0)
+                                  "hidden_size": 16}, image_size=32)
+    for shape in ((3, 32, 32), (2, 1, 32, 32)):
+        with pytest.raises(TypeError, match=r"predict_step takes a CaptionBatch or a \(batch, 3, H, W\) tensor"):
+            module.predict_step(torch.zeros(shape), 0)
+    with pytest.raises(ValueError, match=r"batch 4 holds 16x16 images; this model was trained at 32x32: "
+                                         r"build_image_transform\(module.hparams.image_size\) makes them"):
+        module.predict_step(torch.zeros(2, 3, 16, 16), 4)
+    for pixels, values in ((torch.full((2, 3, 32, 32), 255.0), "torch.float32 values from 255 to 255"),
+                           (torch.full((2, 3, 32, 32), -0.5), "torch.float32 values from -0.5 to -0.5"),
+                           (torch.full((2, 3, 32, 32), float("nan")), "torch.float32 values from nan to nan"),
+                           (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "torch.uint8 values from 0 to 0")):
+        with pytest.raises(ValueError, match=rf"batch 0 holds {values}; it takes floating-point pixels in \[0, 1\]"):
+            module.predict_step(pixels, 0)
+    assert len(module.predict_step(torch.rand(2, 3, 32, 32), 0)) == 2
     assert module.predict_step(None, 0) == []
 
 

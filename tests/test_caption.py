@@ -138,6 +138,39 @@ def test_inputs_expand_folders_and_globs_in_order_without_duplicates(tmp_path: P
         tmp_path / "b.jpg", tmp_path / "a.png", tmp_path / "sub" / "c.JPG"]
 
 
+def test_inputs_keep_what_is_named_like_an_image_but_is_not_a_file(tmp_path: Path) -> None:
+    """A FIFO (or a device, a broken link) is kept, so that reading it names it as skipped instead of it vanishing."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "folder.jpg").mkdir()
+    assert expand_inputs([str(tmp_path)]) == [tmp_path / "gone.png", tmp_path / "pipe.jpg"]
+    assert expand_inputs([str(tmp_path / "*")]) == [tmp_path / "gone.png", tmp_path / "pipe.jpg"]
+
+
+@pytest.mark.slow
+def test_a_fifo_is_reported_and_a_failed_attention_map_loses_no_caption(attention_checkpoint: Path, tiny_shapes: Path,
+                                                                        tmp_path: Path, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = sorted((tiny_shapes / "images" / "test").iterdir())[:3]
+    for source in sources:
+        (photos / source.name).write_bytes(source.read_bytes())
+    os.mkfifo(photos / "pipe.jpg")  # sorted last; opening it would block forever
+    maps = tmp_path / "maps"
+    (maps / f"00002_{sources[1].stem}.png").mkdir(parents=True)  # the second figure cannot replace a folder
+    output = tmp_path / "captions.json"
+    status = main([str(photos), "--checkpoint", str(attention_checkpoint), "--device", "cpu", "--format", "json",
+                   "--output", str(output), "--attention-maps", str(maps)])
+    error = capsys.readouterr().err
+    assert status == 1, error
+    assert f"skipped {photos / 'pipe.jpg'}: a FIFO (named pipe), not a regular file" in error
+    assert "1 of 4 images could not be read" in error
+    assert f"could not write the attention map of {photos / sources[1].name}" in error
+    assert "the attention maps of 1 images could not be written (their captions were)" in error
+    assert [r["file"] for r in json.loads(output.read_text())] == [str(photos / s.name) for s in sources]
+    assert len([p for p in maps.glob("*.png") if p.is_file()]) == 2
+
+
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"")
     completed = subprocess.run([sys.executable, "-m", "captioning.caption", str(tmp_path / "a.jpg"),

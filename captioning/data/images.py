@@ -164,6 +164,8 @@ def array_rgb(pixels: np.ndarray | torch.Tensor, name: str) -> Image.Image:
         if pixels.dim() != 3 or pixels.shape[0] not in (1, 3):
             raise BadImageError(path, "unreadable", f"a tensor image must be (3, H, W) or (1, H, W), got "
                                                     f"{tuple(pixels.shape)}")
+        if pixels.numel() == 0:  # before min()/max(), which raise on an empty tensor
+            raise BadImageError(path, "unreadable", f"a tensor image of shape {tuple(pixels.shape)} holds no pixels")
         if pixels.is_floating_point():
             if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
                 raise BadImageError(path, "unreadable", "a floating-point tensor image must hold values in [0, 1] "

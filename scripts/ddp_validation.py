@@ -16,6 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from captioning.checkpoints import load_data
 from captioning.data.build import build_datamodule
 from captioning.models.decoders import ShowTellDecoder
 from captioning.models.encoder_decoder import target_of
@@ -48,7 +49,7 @@ def main() -> None:
         model.optimizer_factory = lambda params: torch.optim.Adam(params, lr=1e-2)
         pl.Trainer(max_steps=args.train_steps, limit_val_batches=0, devices=1, **settings).fit(model, datamodule=data)
         torch.save(model.state_dict(), args.weights)
-    model.load_state_dict(torch.load(args.weights, weights_only=True))
+    model.load_state_dict(load_data(args.weights, "--weights"))
     trainer = pl.Trainer(devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", **settings)
     trainer.validate(model, datamodule=data, verbose=False)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -767,3 +768,26 @@ def test_an_evaluation_with_only_empty_references_names_the_image(tmp_path: Path
     error = _one_line(capsys.readouterr().err)
     assert "1 images have only empty reference captions" in error and "image id 2" in error
     assert not output.exists()
+
+
+def _truncated_png(folder: Path) -> Path:
+    """A PNG whose header reads (the corpus' probe passes it) but whose pixel data stops halfway."""
+    from PIL import Image
+
+    whole = folder / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+    path = folder / "cut.png"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    whole.unlink()
+    return path
+
+
+@pytest.mark.slow
+def test_an_image_that_fails_only_when_decoded_mid_epoch_is_named_in_one_line(tmp_path: Path) -> None:
+    overrides = _folder_dataset(tmp_path / "data", extra=_truncated_png)
+    stopped = _train_py(*overrides, f"hydra.run.dir={tmp_path / 'error'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                        timeout=300)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    message = _one_line(stopped.stderr)
+    assert "cut.png" in message and "data.on_bad_image=skip trains without it" in message

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioning.errors import InputError
+
 # PIL refuses images over twice its MAX_IMAGE_PIXELS (~179 Mpx) and warns above it; we refuse above it
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # How pixels are oriented; part of the caches' keys, so caches of sideways pixels are never reused
@@ -29,8 +31,9 @@ ORIENTATION = "EXIF orientation applied (PIL.ImageOps.exif_transpose)"
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
 
-class BadImageError(ValueError):
-    """An image file that cannot be used; ``reason`` is one of ``REASONS``."""
+class BadImageError(InputError):
+    """An image file that cannot be used; ``reason`` is one of ``REASONS``. An input error: ``train.py``
+    names it in one line with exit status 2, also when it is found mid-epoch."""
 
     REASONS = ("missing", "unreadable", "too_large")
 

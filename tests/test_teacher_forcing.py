@@ -2,11 +2,15 @@
 gives the numbers of the plain formulation: every word through ``nn.LSTMCell`` and the output layer
 inside the loop, into a zero-filled (batch, steps, vocab_size) buffer."""
 
+import copy
+from unittest.mock import patch
+
 import pytest
 import torch
 
 from captioning.losses import caption_negative_log_likelihood, doubly_stochastic_penalty, masked_cross_entropy
-from captioning.models.attention import AdditiveAttention
+from captioning.models import packed_linear
+from captioning.models.attention import AdditiveAttention, _SigmoidScores
 from captioning.models.decoders import DecoderOutput, ShowAttendTellDecoder, UpDownDecoder
 from captioning.models.encoders import EncodedImages
 from captioning.models.time_batched import TimeBatchedLinear
@@ -177,3 +181,72 @@ def test_attention_with_sigmoid_equals_tanh_attention_in_float32() -> None:
     keys = attention.project(grid)
     for got, want in zip(attention(grid, keys, hidden, mask), plain_attention(attention, grid, hidden, mask)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, False)],
+                         ids=["all", "frozen-keys", "keys-only"])
+def test_sigmoid_scores_backward_equals_autograds(needs: tuple[bool, bool, bool]) -> None:
+    """The in-place backward of the attention scores gives autograd's gradients of the same expression."""
+    generator = torch.Generator().manual_seed(5)
+    keys, query, weight = (torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(need)
+                           for shape, need in zip([(4, 9, 6), (4, 6), (6,)], needs))
+    grad_scores = torch.randn(4, 9, dtype=torch.float64, generator=generator)
+    wanted = [tensor for tensor in (keys, query, weight) if tensor.requires_grad]
+    plain = torch.matmul(torch.sigmoid(keys + query.unsqueeze(1)), weight)
+    expected = torch.autograd.grad(plain, wanted, grad_scores)
+    fused = _SigmoidScores.apply(keys, query, weight)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(fused, wanted, grad_scores), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_float32_pass_on_the_fast_cpu_path_equals_the_plain_formulation_in_float64() -> None:
+    """float32 teacher forcing (oneDNN's per-step products where torch has them, the in-place attention
+    backward) against the plain formulation in float64: the same loss and gradients to float32 rounding."""
+    torch.manual_seed(0)
+    fast = ShowAttendTellDecoder(VOCAB, 64, embed_dim=32, hidden_size=48, attention_dim=40, dropout=0.5).train()
+    plain = copy.deepcopy(fast).double()
+    tokens, lengths = captions(LENGTHS)
+    targets = tokens[:, 1:]
+    grid = torch.randn(len(LENGTHS), PIXELS, 64, dtype=torch.float64)
+    encoded = EncodedImages(grid.mean(dim=1), grid)
+
+    def hoisted() -> torch.Tensor:
+        single = EncodedImages(encoded.global_features.float(), encoded.grid_features.float())
+        output = fast(single, tokens, lengths)
+        return masked_cross_entropy(output.word_logits, targets) + doubly_stochastic_penalty(output.attention, None)
+
+    def reference() -> torch.Tensor:
+        logits, attention = reference_forward(plain, encoded, tokens, lengths)
+        return masked_cross_entropy(logits, targets) + doubly_stochastic_penalty(attention, None)
+
+    with patch.object(packed_linear.PackedLinear, "__call__", autospec=True,
+                      side_effect=packed_linear.PackedLinear.__call__) as products:
+        loss, grads = loss_and_grads(fast, hoisted)
+    assert products.call_count > 0  # the per-step products, forward and backward
+    if torch.backends.mkldnn.is_available():  # each through oneDNN's packed weight
+        assert all(call.args[0]._packed is not None for call in products.call_args_list)
+    want_loss, want_grads = loss_and_grads(plain, reference)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.double(), want_grads[name], rtol=1e-4, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("decoder", [
+    ShowAttendTellDecoder(VOCAB, ENCODER_DIM, **SIZES),
+    ShowAttendTellDecoder(VOCAB, ENCODER_DIM, cell="gru", **SIZES),
+    UpDownDecoder(VOCAB, ENCODER_DIM, **SIZES),
+], ids=["lstm", "gru", "updown"])
+def test_captions_given_longest_first_or_in_any_order_give_the_same_outputs(decoder: torch.nn.Module) -> None:
+    """The data module's batches come longest first (no reordering); any other order is sorted first."""
+    decoder.double().eval()
+    tokens, lengths = captions(LENGTHS)
+    encoded = features(len(LENGTHS), masked=True)
+    shuffled = decoder(encoded, tokens, lengths)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_output = decoder(encoded.select(order), tokens[order], lengths[order])
+    torch.testing.assert_close(sorted_output.word_logits, shuffled.logits[order][shuffled.real[order]],
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(sorted_output.attention, shuffled.attention[order], rtol=0, atol=1e-12)
+    assert torch.equal(sorted_output.mask, encoded.mask[order]) and torch.equal(shuffled.mask, encoded.mask)

@@ -18,7 +18,7 @@ class CaptionBatch:
     Exactly one of ``images`` and ``features`` is set: ``features`` when the data module reads a
     feature cache, and the model then skips its encoder. ``caption_image_index[j]`` is the image
     row that caption ``j`` describes, so the encoder runs once per image however many captions
-    it has. With ``train_captions_per_image=pairs`` every row has one caption and the same image
+    it has; captions come longest first, not grouped by image. With ``train_captions_per_image=pairs`` every row has one caption and the same image
     may fill several rows (``image_ids`` then repeats). ``features_from`` identifies the encoder that
     computed ``features`` (``CNNEncoder.cache_identity()``), so the model can refuse another encoder's.
     Precomputed region features have a different number of regions per image: ``features`` is then
@@ -52,8 +52,10 @@ def collate_captions(items: Sequence[DatasetItem | None], features_from: dict[st
     items = [item for item in items if item is not None]
     if not items:
         return None
-    captions = [caption for item in items for caption in item.captions]
-    owners = [row for row, item in enumerate(items) for _ in item.captions]
+    # longest first (a stable sort): teacher forcing runs a shrinking prefix of the captions and need not reorder
+    pairs = sorted(((caption, row) for row, item in enumerate(items) for caption in item.captions),
+                   key=lambda pair: -len(pair[0]))
+    captions, owners = [caption for caption, _ in pairs], [row for _, row in pairs]
     tokens = (pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD_ID)
               if captions else torch.zeros(0, 0, dtype=torch.long))
     cached = items[0].image.dim() == 2  # features are (rows, dim) per image, pixels (3, H, W)

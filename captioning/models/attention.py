@@ -1,9 +1,13 @@
 """Soft attention over a grid or regions (Show, Attend and Tell, Xu et al., 2015) and its context encoder."""
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from captioning.models.packed_linear import recording_graph
 
 
 SCORE_CHUNK_ELEMENTS = 1 << 19  # 2 MB of float32 per chunk of attention scores: within the cores' L2 caches
@@ -68,8 +72,10 @@ class AdditiveAttention(nn.Module):
         weight, bias = 2 * self.score.weight[0], self.score.bias - self.score.weight.sum()  # (attention_dim,), (1,)
         rows, pixels, attention_dim = keys.shape
         chunk = max(1, SCORE_CHUNK_ELEMENTS // (pixels * attention_dim))
-        if torch.is_grad_enabled() or keys.device.type != "cpu" or _tracing():
+        if keys.device.type != "cpu" or recording_graph():
             return torch.matmul((keys + query.unsqueeze(1)).sigmoid_(), weight) + bias
+        if torch.is_grad_enabled():
+            return _SigmoidScores.apply(keys, query, weight) + bias
         scores = keys.new_empty(rows, pixels)
         buffer = keys.new_empty(chunk, pixels, attention_dim)
         for start in range(0, rows, chunk):
@@ -79,10 +85,31 @@ class AdditiveAttention(nn.Module):
         return scores.add_(bias)
 
 
-def _tracing() -> bool:
-    """Recording a graph (ONNX export, TorchScript, torch.compile), where a Python loop over rows would be
-    fixed to the example's batch size."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+class _SigmoidScores(torch.autograd.Function):
+    """``w·sigmoid(keys + query)`` (rows, num_pixels) with a backward that makes no tensor of the keys' size
+    beyond the one forward saves: the derivative is formed in that tensor, in place. Autograd's own
+    backward of the same expression makes three (the outer product of the scores' gradient and ``w``,
+    the sigmoid's gradient, the broadcast's), each a fresh allocation on a CPU."""
+
+    @staticmethod
+    def forward(ctx: Any, keys: torch.Tensor, query: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        squashed = torch.add(keys, query.unsqueeze(1)).sigmoid_()  # (rows, num_pixels, attention_dim)
+        ctx.save_for_backward(squashed, weight)
+        return torch.matmul(squashed, weight)  # (rows, num_pixels)
+
+    @staticmethod
+    def backward(ctx: Any, grad_scores: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        squashed, weight = ctx.saved_tensors
+        rows, pixels, attention_dim = squashed.shape
+        grad_weight = None
+        if ctx.needs_input_grad[2]:  # before the squashed values are overwritten below
+            grad_weight = grad_scores.reshape(1, -1).mm(squashed.view(-1, attention_dim)).view(attention_dim)
+        # grad_scores * sigmoid', in place: (rows, num_pixels, attention_dim)
+        grad_sum = torch.ops.aten.sigmoid_backward.grad_input(
+            grad_scores.unsqueeze(2).expand_as(squashed), squashed, grad_input=squashed)
+        grad_query = grad_sum.sum(dim=1).mul_(weight) if ctx.needs_input_grad[1] else None  # (rows, attention_dim)
+        grad_keys = grad_sum.mul_(weight) if ctx.needs_input_grad[0] else None
+        return grad_keys, grad_query, grad_weight
 
 
 class BidirectionalContext(nn.Module):

@@ -281,15 +281,22 @@ class ShowTellDecoder(nn.Module):
 Recurrence = Callable[[torch.Tensor, State, PreparedImages], tuple[torch.Tensor, State, torch.Tensor]]
 
 
+def _longest_first(lengths: torch.Tensor) -> torch.Tensor | None:
+    """The captions' order by decreasing length, or None when they come in it already."""
+    if bool((lengths[:-1] >= lengths[1:]).all()):
+        return None
+    return torch.argsort(lengths, descending=True, stable=True)
+
+
 class _StepwiseAttentionDecoder(nn.Module):
     """An attention decoder whose teacher forcing steps word by word through the same recurrence as ``step``.
 
-    Captions are sorted by length and the active batch shrinks as captions end, so no step
-    computes on padding. What does not depend on the recurrent state runs outside the loop, once
-    over all words: the word inputs (``_word_inputs``) before it, the output layer after it. Subclasses
+    Captions are sorted by length (unless they come sorted) and the active batch shrinks as captions
+    end, so no step computes on padding. What does not depend on the recurrent state runs outside the
+    loop, once over all words: the word inputs before it, the output layer after it. Subclasses
     define ``embedding``, ``output``, ``_prepare_regions``, ``init_state`` and ``_step_hidden``,
     ``(embedded words, state, prepared) -> (top hidden state after dropout, new state, attention
-    weights)``, which ``step`` runs; teacher forcing runs ``_recurrence()`` on ``_word_inputs``, by
+    weights)``, which ``step`` runs; teacher forcing runs what ``_teacher_forcing`` builds, by
     default the same.
     """
 
@@ -301,13 +308,10 @@ class _StepwiseAttentionDecoder(nn.Module):
                      ) -> tuple[torch.Tensor, State, torch.Tensor]:
         raise NotImplementedError
 
-    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (any shape) -> what ``_recurrence()`` reads of each word, computed for all words at once."""
-        return self.embedding(tokens)
-
-    def _recurrence(self) -> Recurrence:
-        """The step of a teacher-forced pass (built once per pass)."""
-        return self._step_hidden
+    def _teacher_forcing(self, words: torch.Tensor) -> tuple[torch.Tensor, Recurrence]:
+        """Built once per teacher-forced pass: what the recurrence reads of each word (words,) -> (words, ...),
+        computed for all words at once, and the recurrence; by default the embeddings and ``_step_hidden``."""
+        return self.embedding(words), self._step_hidden
 
     def step(self, tokens: torch.Tensor, state: State, features: PreparedImages
              ) -> tuple[torch.Tensor, State, torch.Tensor]:
@@ -328,16 +332,17 @@ class _StepwiseAttentionDecoder(nn.Module):
 
     def forward(self, features: EncodedImages | PreparedImages, tokens: torch.Tensor,
                 lengths: torch.Tensor) -> DecoderOutput:
-        features = self.prepare(features)
         max_steps = tokens.shape[1] - 1
         positions = torch.arange(max_steps, device=lengths.device)
         real = positions < (lengths - 1).unsqueeze(1)  # (batch, max_steps) in the captions' order
-        order = torch.argsort(lengths - 1, descending=True)
-        sorted_features, sorted_real = features.select(order), real[order]
+        order = _longest_first(lengths)  # None: they already are (the data module's batches)
+        # sorted before the per-image work, so the keys are computed in the order the steps read them
+        sorted_features = self.prepare(features if order is None else features.select(order))
+        sorted_real, sorted_tokens = (real, tokens) if order is None else (real[order], tokens[order])
         active_per_step = sorted_real.sum(dim=0)  # (max_steps,): the running captions, a prefix of the sorted ones
         # every word's input at once, step-major: step t's rows are its running captions, longest first
-        word_inputs = SharedRows(self._word_inputs(tokens[order, :max_steps].t()[sorted_real.t()]))  # (words, ...)
-        recurrence = self._recurrence()
+        word_inputs, recurrence = self._teacher_forcing(sorted_tokens[:, :max_steps].t()[sorted_real.t()])
+        word_inputs = SharedRows(word_inputs)  # (words, ...)
         state = self.init_state(sorted_features)
         # the running captions' rows of every per-image tensor, gradients summed in place across steps
         shared = [None if part is None else SharedRows(part) for part in (
@@ -357,15 +362,16 @@ class _StepwiseAttentionDecoder(nn.Module):
             start += active
         # the words in the captions' order, and where each one is in the step-major lists
         caption, step = real.nonzero(as_tuple=True)  # (words,) each
-        index = (torch.cumsum(active_per_step, 0) - active_per_step)[step] + torch.argsort(order)[caption]
-        annotations = features.annotations  # (batch, num_pixels, annotation_dim)
+        sorted_row = caption if order is None else torch.argsort(order)[caption]
+        index = (torch.cumsum(active_per_step, 0) - active_per_step)[step] + sorted_row
+        annotations = sorted_features.annotations  # (batch, num_pixels, annotation_dim)
         if not hiddens:
             hiddens = [annotations.new_zeros(0, self.output.projection.in_features)]
             attentions = [annotations.new_zeros(0, annotations.shape[1])]
         word_logits = self.output(torch.cat(hiddens)[index])  # (words, vocab_size): one large product
         attention = annotations.new_zeros(*real.shape, annotations.shape[1]).index_put(
             (caption, step), torch.cat(attentions)[index])  # (batch, max_steps, num_pixels), zeros at padding
-        return DecoderOutput(word_logits, real, attention, features.mask)
+        return DecoderOutput(word_logits, real, attention, features.mask)  # the mask in the captions' order
 
 
 class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
@@ -434,27 +440,25 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         word's part once for all words, and the products with the previous hidden state in one."""
         return self.cell == "lstm" and self.num_layers == 1
 
-    def _word_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding, or, for one LSTM layer, the embedding's share of its gates (with their input bias)."""
-        embedded = self.embedding(tokens)  # (..., embed_dim)
+    def _teacher_forcing(self, words: torch.Tensor) -> tuple[torch.Tensor, Recurrence]:
+        """For one LSTM layer: the embedding's share of its gates (with their input bias) for all words at once,
+        the previous hidden state's three products (query, gate, recurrent) as one, and the weight gradients
+        of those and of the context's product once per pass."""
+        embedded = self.embedding(words)  # (words, embed_dim)
         if not self._single_lstm:
-            return embedded
+            return embedded, self._step_hidden
         cell = self.cells[0]
-        return F.linear(embedded, cell.weight_ih[:, :self.embed_dim], cell.bias_ih)  # (..., 4 * hidden_size)
-
-    def _recurrence(self) -> Recurrence:
-        """For one LSTM layer: the previous hidden state's three products (query, gate, recurrent) as one,
-        and the weight gradients of those and of the context's product once per pass."""
-        if not self._single_lstm:
-            return self._step_hidden
-        cell = self.cells[0]
+        # one view per share of the input weight: autograd joins their gradients in one copy
+        from_word, from_context_weight = cell.weight_ih.split(
+            [self.embed_dim, cell.weight_ih.shape[1] - self.embed_dim], dim=1)
+        word_gates = F.linear(embedded, from_word, cell.bias_ih)  # (words, 4 * hidden_size)
         # (weight, bias) of the query (doubled, as attention reads it), the gate and the recurrent product
         gate = [(self.gate.weight, self.gate.bias)] if self.gate is not None else []
         parts = [self.attention.query_weights(), *gate, (cell.weight_hh, cell.bias_hh)]
         sizes = [weight.shape[0] for weight, _ in parts]
         from_hidden = TimeBatchedLinear(torch.cat([weight for weight, _ in parts]),
                                         torch.cat([bias for _, bias in parts]))
-        from_context = TimeBatchedLinear(cell.weight_ih[:, self.embed_dim:].contiguous())  # (4 * hidden, annotation)
+        from_context = TimeBatchedLinear(from_context_weight)  # (4 * hidden_size, annotation_dim)
 
         def project_hidden(hidden: torch.Tensor) -> list[torch.Tensor]:
             return list(from_hidden(hidden).split(sizes, dim=1))
@@ -462,7 +466,7 @@ class ShowAttendTellDecoder(_StepwiseAttentionDecoder):
         def lstm_step(word_gates: torch.Tensor, state: State, features: PreparedImages
                       ) -> tuple[torch.Tensor, State, torch.Tensor]:
             return self._lstm_step(word_gates, state, features, project_hidden, from_context)
-        return lstm_step
+        return word_gates, lstm_step
 
     def _lstm_step(self, word_gates: torch.Tensor, state: State, features: PreparedImages,
                    project_hidden: Callable[[torch.Tensor], list[torch.Tensor]],

@@ -20,12 +20,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from captioning.models.packed_linear import PackedLinear
+
 
 class TimeBatchedLinear:
     """``y = x W^T + b`` for the steps of one forward pass; build a new one for every pass."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight, self.bias = weight, bias
+        self.forward_product = PackedLinear(weight, bias)
+        self._backward_product: PackedLinear | None = None  # x W, built when backward first needs it
         self.inputs: list[torch.Tensor] = []  # each step's x, in call order
         self.output_grads: dict[int, torch.Tensor] = {}  # call index -> grad of y, as backward reaches it
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -37,6 +41,12 @@ class TimeBatchedLinear:
         if self._token is None:
             return F.linear(x, self.weight, self.bias)
         return _StepLinear.apply(x, self._token, self)
+
+    def input_grad(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """(rows, out_features) -> (rows, in_features): ``grad_output W``."""
+        if self._backward_product is None:
+            self._backward_product = PackedLinear(self.weight.detach().t())
+        return self._backward_product(grad_output)
 
 
 class _GatherWeightGrad(torch.autograd.Function):
@@ -65,7 +75,7 @@ class _StepLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, token: torch.Tensor, owner: TimeBatchedLinear) -> torch.Tensor:
         ctx.owner, ctx.index, ctx.input_dtype = owner, len(owner.inputs), x.dtype
         owner.inputs.append(x)
-        return F.linear(x, owner.weight, owner.bias)
+        return owner.forward_product(x)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, None]:
@@ -73,7 +83,7 @@ class _StepLinear(torch.autograd.Function):
         owner.output_grads[ctx.index] = grad_output
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = grad_output.mm(owner.weight.to(grad_output.dtype)).to(ctx.input_dtype)  # (rows, in_features)
+            grad_input = owner.input_grad(grad_output).to(ctx.input_dtype)  # (rows, in_features)
         return grad_input, grad_output.new_zeros(()), None
 
 

@@ -1,0 +1,69 @@
+"""``PackedLinear``: oneDNN's product with a prepacked weight where it applies, torch's ``F.linear`` elsewhere."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioning.models import packed_linear
+from captioning.models.packed_linear import PackedLinear
+
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN: PackedLinear is F.linear")
+@pytest.mark.parametrize("rows", [1, 7, 32])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["weight", "transposed-view"])
+def test_onednn_product_equals_torch_linear_in_float32(rows: int, with_bias: bool, transposed: bool) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 160, generator=generator)
+    if transposed:  # the backward product's weight, W^T, is a view of the forward's
+        weight = torch.randn(160, 96, generator=generator).t()
+    bias = torch.randn(96, generator=generator) if with_bias else None
+    x = torch.randn(rows, 160, generator=generator)
+    linear = PackedLinear(weight, bias)
+    assert linear._packed is not None  # the oneDNN path, not the fallback
+    got, want = linear(x), F.linear(x, weight, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, 96)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert linear(x[:0]).shape == (0, 96)  # no rows (every caption ended): an empty result, no error
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags' own
+def test_other_dtypes_autocast_and_disabled_onednn_use_torch_linear() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(8, 5, generator=generator), torch.randn(8, generator=generator)
+    x = torch.randn(3, 5, generator=generator)
+    double = PackedLinear(weight.double(), bias.double())
+    assert double._packed is None and torch.equal(double(x.double()), F.linear(x.double(), weight.double(),
+                                                                                 bias.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = PackedLinear(weight, bias)
+        got, want = autocast(x), F.linear(x, weight, bias)
+    assert autocast._packed is None and got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    with torch.backends.mkldnn.flags(enabled=False):
+        disabled = PackedLinear(weight, bias)
+    assert disabled._packed is None and torch.equal(disabled(x), F.linear(x, weight, bias))
+    # a gradient in another dtype than the weight (autocast's backward): the product runs in the gradient's
+    assert PackedLinear(weight)(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+def test_a_refusing_onednn_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(*args: object) -> None:
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(packed_linear, "_broken", [])
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    weight, x = torch.randn(6, 4), torch.randn(2, 4)
+    linear = PackedLinear(weight)
+    with caplog.at_level(logging.WARNING, logger=packed_linear.__name__):
+        assert torch.equal(linear(x), F.linear(x, weight))
+        assert torch.equal(linear(x), F.linear(x, weight))
+    assert [r.getMessage() for r in caplog.records] == [
+        "oneDNN's linear product is not usable here (RuntimeError: could not create a primitive); "
+        "using torch's default product"]
+    assert PackedLinear(weight)._packed is None  # not tried again in this process

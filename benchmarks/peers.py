@@ -9,7 +9,8 @@ sizes, the same grid and the same captions (lengths of real COCO captions), and 
 side: a training step (forward, cross-entropy + the doubly stochastic attention penalty, backward;
 no optimizer, which costs both the same) and beam search. The FLOPs of our step come from the
 profiler's count of matrix products, so its GFLOP/s can be set beside a large ``sgemm``'s on the
-same machine. ``--compile`` and ``--bf16`` time our step and beam search also under ``torch.compile``
+same machine (``torch.mm``, and the same product through oneDNN, which our per-step products use: the
+fraction of the faster one is ``best_gemm_fraction``). ``--compile`` and ``--bf16`` time our step and beam search also under ``torch.compile``
 and bfloat16 autocast. Prints a table; writes JSON (``--json FILE``).
 
     python benchmarks/peers.py --json peers.json
@@ -183,14 +184,29 @@ def best_time(run: Callable[[], Any], repeats: int) -> float:
 
 
 def sgemm_gflops(size: int = 4096, repeats: int = 5) -> float:
-    """The fastest float32 matrix product of two size x size matrices, in GFLOP/s."""
+    """The fastest float32 ``torch.mm`` of two size x size matrices (MKL on x86 builds), in GFLOP/s."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     return 2 * size ** 3 / best_time(lambda: torch.mm(a, b), repeats) / 1e9
 
 
+def onednn_gemm_gflops(size: int = 4096, repeats: int = 5) -> float | None:
+    """The same product through oneDNN with a prepacked weight (what ``PackedLinear`` uses), in GFLOP/s; None
+    where torch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
+    product = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")  # noqa: E731
+    return 2 * size ** 3 / best_time(product, repeats) / 1e9
+
+
 def profiled_gflop(run: Callable[[], Any]) -> float:
-    """The profiler's FLOP count (matrix products) of one call of ``run``, in GFLOP."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as profile:
+    """The profiler's FLOP count (matrix products) of one call of ``run``, in GFLOP.
+
+    Counted with oneDNN off: the profiler counts only aten's products, and ``PackedLinear`` then runs the
+    very same products through ``F.linear``."""
+    with torch.backends.mkldnn.flags(enabled=False), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as profile:
         run()
     return sum(event.flops for event in profile.key_averages()) / 1e9
 
@@ -234,18 +250,23 @@ def main() -> None:
     train_tutorial = best_time(lambda: tutorial_train_step(tutorial, grid, tokens, lengths), args.repeats)
     gflop_ours = profiled_gflop(lambda: ours_train_step(ours, features, tokens, lengths))
     gflop_tutorial = profiled_gflop(lambda: tutorial_train_step(tutorial, grid, tokens, lengths))
-    sgemm = sgemm_gflops()
+    sgemm, onednn = sgemm_gflops(), onednn_gemm_gflops()
+    best_gemm = max(sgemm, onednn or 0.0)
     results |= {"train_step_ours_s": train_ours, "train_step_tutorial_s": train_tutorial,
                 "train_step_speedup_vs_tutorial": train_tutorial / train_ours,
                 "train_step_ours_gflop": gflop_ours, "train_step_tutorial_gflop": gflop_tutorial,
                 "train_step_ours_gflops": gflop_ours / train_ours, "sgemm_gflops": sgemm,
-                "sgemm_fraction": gflop_ours / train_ours / sgemm}
+                "sgemm_fraction": gflop_ours / train_ours / sgemm, "onednn_gemm_gflops": onednn,
+                "best_gemm_fraction": gflop_ours / train_ours / best_gemm}
     rows += [("training step, ours", f"{train_ours:.3f} s",
               f"{gflop_ours:.1f} GFLOP, {gflop_ours / train_ours:.0f} GFLOP/s"),
              ("training step, tutorial", f"{train_tutorial:.3f} s",
               f"{gflop_tutorial:.1f} GFLOP, {gflop_tutorial / train_tutorial:.0f} GFLOP/s"),
              ("speed-up", f"{train_tutorial / train_ours:.2f}x", ""),
-             ("sgemm 4096³", "", f"{sgemm:.0f} GFLOP/s; ours {gflop_ours / train_ours / sgemm:.0%} of it")]
+             ("sgemm 4096³ (torch.mm)", "", f"{sgemm:.0f} GFLOP/s; ours {gflop_ours / train_ours / sgemm:.0%} of it")]
+    if onednn is not None:
+        rows.append(("4096³ through oneDNN, prepacked", "",
+                     f"{onednn:.0f} GFLOP/s; ours {gflop_ours / train_ours / onednn:.0%} of it"))
     if args.bf16:
         bf16 = best_time(lambda: ours_train_step(ours, features, tokens, lengths, autocast=True), args.repeats)
         results["train_step_ours_bf16_s"] = bf16

@@ -100,10 +100,9 @@ class _SigmoidScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_scores: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         squashed, weight = ctx.saved_tensors
-        rows, pixels, attention_dim = squashed.shape
         grad_weight = None
-        if ctx.needs_input_grad[2]:  # before the squashed values are overwritten below
-            grad_weight = grad_scores.reshape(1, -1).mm(squashed.view(-1, attention_dim)).view(attention_dim)
+        if ctx.needs_input_grad[2]:  # before the squashed values are overwritten below; a batch of row products
+            grad_weight = torch.bmm(grad_scores.unsqueeze(1), squashed).sum(dim=(0, 1))  # (attention_dim,)
         # grad_scores * sigmoid', in place: (rows, num_pixels, attention_dim)
         grad_sum = torch.ops.aten.sigmoid_backward.grad_input(
             grad_scores.unsqueeze(2).expand_as(squashed), squashed, grad_input=squashed)

@@ -67,3 +67,26 @@ def test_a_refusing_onednn_falls_back_once_with_a_warning(monkeypatch: pytest.Mo
         "oneDNN's linear product is not usable here (RuntimeError: could not create a primitive); "
         "using torch's default product"]
     assert PackedLinear(weight)._packed is None  # not tried again in this process
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_equals_f_linear_with_its_gradients(with_bias: bool) -> None:
+    """Leading dimensions (the grid's rows x pixels), float32: outputs and every gradient to float32 rounding."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 24, generator=generator, requires_grad=True)
+    weight = torch.randn(40, 24, generator=generator, requires_grad=True)
+    bias = torch.randn(40, generator=generator, requires_grad=True) if with_bias else None
+    grad = torch.randn(3, 7, 40, generator=generator)
+    inputs = [tensor for tensor in (x, weight, bias) if tensor is not None]
+    got = packed_linear.linear(x, weight, bias)
+    want = F.linear(x, weight, bias)
+    if ONEDNN:
+        assert got.grad_fn is not None and type(got.grad_fn).__name__ == "_OneDNNLinearBackward"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for mine, torchs in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad),
+                            strict=True):
+        torch.testing.assert_close(mine, torchs, rtol=1e-5, atol=1e-5)
+    frozen = packed_linear.linear(x.detach(), weight, bias)  # a frozen encoder's grid: only the weights learn
+    torch.testing.assert_close(torch.autograd.grad(frozen, weight, grad)[0],
+                               torch.autograd.grad(F.linear(x, weight, bias), weight, grad)[0], rtol=1e-5, atol=1e-5)
+    assert packed_linear.linear(x.double(), weight.double()).dtype == torch.float64  # F.linear's path

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioning.models.packed_linear import recording_graph
+from captioning.models.packed_linear import linear, recording_graph
 
 
 SCORE_CHUNK_ELEMENTS = 1 << 19  # 2 MB of float32 per chunk of attention scores: within the cores' L2 caches
@@ -32,7 +32,7 @@ class AdditiveAttention(nn.Module):
 
     def project(self, grid: torch.Tensor) -> torch.Tensor:
         """(batch, num_pixels, encoder_dim) -> keys (batch, num_pixels, attention_dim), doubled."""
-        return F.linear(grid, 2 * self.key_projection.weight, 2 * self.key_projection.bias)
+        return linear(grid, 2 * self.key_projection.weight, 2 * self.key_projection.bias)
 
     def query_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The doubled query projection's weight (attention_dim, hidden_size) and bias, for decoders that

@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from captioning.errors import check_choice
 from captioning.models.attention import AdditiveAttention, BidirectionalContext
 from captioning.models.encoders import EncodedImages
+from captioning.models.packed_linear import linear
 from captioning.models.time_batched import SharedRows, TimeBatchedLinear
 
 State = tuple[torch.Tensor, ...]
@@ -171,10 +172,10 @@ class WordOutput(nn.Module):
             self.projection = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        projected = self.projection(hidden)
+        projected = linear(hidden, self.projection.weight, self.projection.bias)
         if self.embedding is None:
             return projected
-        return F.linear(projected, self.embedding.weight, self.bias)
+        return linear(projected, self.embedding.weight, self.bias)
 
 
 class ShowTellDecoder(nn.Module):

@@ -1,11 +1,13 @@
-"""A linear layer called at every step of a recurrence with the same weight, through oneDNN on a CPU.
+"""Linear products through oneDNN on a CPU: per step with a weight packed once per pass, and large ones.
 
 A decoder step multiplies a few dozen rows (the running captions) by the same weight at every
 word. torch's CPU ``F.linear`` goes through MKL, whose products with so few rows run at a half of
 a large product's speed or less on this project's machine (2 threads, 32 rows by 2048x2048:
 ~105 GFLOP/s against ~185 for a 4096² product; 7 rows: ~40). oneDNN, which torch also ships, runs
 the same 32-row product at ~200 GFLOP/s once the weight is reordered into its blocked layout, and
-``PackedLinear`` reorders it once per pass instead of at every step.
+``PackedLinear`` reorders it once per pass instead of at every step. ``linear`` is ``F.linear`` for
+the large products (the grid's attention keys, the output layer over all words), whose forward
+oneDNN also runs faster (6272 rows by 2048x512: ~222 GFLOP/s against ~187).
 
 The oneDNN path is taken for float32 CPU tensors outside autocast and graph recording when torch
 has it (``torch.backends.mkldnn``); everywhere else, and if oneDNN refuses, ``F.linear``. The two
@@ -13,6 +15,7 @@ differ by float rounding only (the sum order of the products).
 """
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +30,58 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 32) -> None:
         """``rows``: the typical number of rows per call, a hint for oneDNN's layout."""
         self.weight, self.bias = weight, bias
-        self._packed = _pack(weight.detach(), rows) if _onednn_usable(weight) else None
+        self._packed = _pack(weight.detach(), rows) if _onednn_applies(weight) else None
         self._bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) -> (rows, out_features), in ``x``'s dtype; for custom autograd functions (which
         compute their own gradients): autograd does not see through the oneDNN path."""
-        if self._packed is not None and x.dtype == torch.float32 and not (_cpu_autocast() or recording_graph()
-                                                                          or _broken):
+        if self._packed is not None and _onednn_applies(x):
             try:
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, self._bias, "none", [], "")
+                return _onednn_linear(x, self._packed, self._bias)
             except RuntimeError as error:  # a build or CPU whose oneDNN refuses: the plain product from now on
                 _give_up(error)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _onednn_usable(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and not _broken
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` (any leading dimensions) with its forward product through oneDNN where it applies; the
+    gradients are ``F.linear``'s (MKL's products: oneDNN would need the weight transposed first)."""
+    if not (_onednn_applies(x) and _onednn_applies(weight)):
+        return F.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        rows = x.reshape(-1, x.shape[-1])  # (rows, in_features)
+        try:
+            product = _onednn_linear(rows, weight.contiguous(), bias)
+        except RuntimeError as error:
+            _give_up(error)
+            return F.linear(x, weight, bias)
+        return product.view(*x.shape[:-1], weight.shape[0])  # (..., out_features)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grads = grad_output.reshape(-1, weight.shape[0])  # (rows, out_features)
+        grad_x = grads.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = grads.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = grads.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, in_features) by a contiguous or packed (out_features, in_features) weight."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def _onednn_applies(tensor: torch.Tensor) -> bool:
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and not _broken
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not _cpu_autocast() and not recording_graph())
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -56,7 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--beam-images", type=int, default=8, help="images beam-searched by each side")
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=20, help="longest generated caption (words)")
-    parser.add_argument("--repeats", type=int, default=3, help="time each side this many times, keep the fastest")
+    parser.add_argument("--repeats", type=int, default=5, help="time each side this many times, keep the fastest "
+                        "(training steps alternate between the two sides; their medians are reported too)")
     parser.add_argument("--compile", action="store_true", help="also time our decoder under torch.compile")
     parser.add_argument("--bf16", action="store_true", help="also time our decoder under bfloat16 autocast")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the machine's cores)")
@@ -183,6 +185,20 @@ def best_time(run: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+def alternating_times(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall-clock times of each run, ``repeats`` rounds that run each once in turn (after one warm-up round),
+    so a slow spell of a shared machine falls on both sides."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def sgemm_gflops(size: int = 4096, repeats: int = 5) -> float:
     """The fastest float32 ``torch.mm`` of two size x size matrices (MKL on x86 builds), in GFLOP/s."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -246,14 +262,19 @@ def main() -> None:
         "torch": torch.__version__, "vocab_size": args.vocab_size, "size": size, "pixels": pixels,
         "encoder_dim": args.encoder_dim, "captions": args.captions, "words": int((lengths - 1).sum())}
     rows: list[tuple[str, str, str]] = []
-    train_ours = best_time(lambda: ours_train_step(ours, features, tokens, lengths), args.repeats)
-    train_tutorial = best_time(lambda: tutorial_train_step(tutorial, grid, tokens, lengths), args.repeats)
+    steps = alternating_times({"ours": lambda: ours_train_step(ours, features, tokens, lengths),
+                               "tutorial": lambda: tutorial_train_step(tutorial, grid, tokens, lengths)}, args.repeats)
+    train_ours, train_tutorial = min(steps["ours"]), min(steps["tutorial"])
+    median_ours, median_tutorial = statistics.median(steps["ours"]), statistics.median(steps["tutorial"])
     gflop_ours = profiled_gflop(lambda: ours_train_step(ours, features, tokens, lengths))
     gflop_tutorial = profiled_gflop(lambda: tutorial_train_step(tutorial, grid, tokens, lengths))
     sgemm, onednn = sgemm_gflops(), onednn_gemm_gflops()
     best_gemm = max(sgemm, onednn or 0.0)
     results |= {"train_step_ours_s": train_ours, "train_step_tutorial_s": train_tutorial,
                 "train_step_speedup_vs_tutorial": train_tutorial / train_ours,
+                "train_step_ours_median_s": median_ours, "train_step_tutorial_median_s": median_tutorial,
+                "train_step_speedup_vs_tutorial_medians": median_tutorial / median_ours,
+                "sgemm_fraction_median_step": gflop_ours / median_ours / sgemm,
                 "train_step_ours_gflop": gflop_ours, "train_step_tutorial_gflop": gflop_tutorial,
                 "train_step_ours_gflops": gflop_ours / train_ours, "sgemm_gflops": sgemm,
                 "sgemm_fraction": gflop_ours / train_ours / sgemm, "onednn_gemm_gflops": onednn,
@@ -262,7 +283,8 @@ def main() -> None:
               f"{gflop_ours:.1f} GFLOP, {gflop_ours / train_ours:.0f} GFLOP/s"),
              ("training step, tutorial", f"{train_tutorial:.3f} s",
               f"{gflop_tutorial:.1f} GFLOP, {gflop_tutorial / train_tutorial:.0f} GFLOP/s"),
-             ("speed-up", f"{train_tutorial / train_ours:.2f}x", ""),
+             ("speed-up", f"{train_tutorial / train_ours:.2f}x",
+              f"medians {median_ours:.3f} s and {median_tutorial:.3f} s: {median_tutorial / median_ours:.2f}x"),
              ("sgemm 4096³ (torch.mm)", "", f"{sgemm:.0f} GFLOP/s; ours {gflop_ours / train_ours / sgemm:.0%} of it")]
     if onednn is not None:
         rows.append(("4096³ through oneDNN, prepacked", "",

@@ -169,6 +169,9 @@ def _word_log_probs(logits: torch.Tensor, special: SpecialTokens, allow_eos: boo
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab_size)
     banned = [special.pad, special.bos, *([special.unk] if special.unk is not None else []),
               *([special.eos] if not allow_eos else [])]
+    if not log_probs.requires_grad:  # a few columns in place, not a pass over the whole (rows, vocab_size)
+        log_probs[:, banned] = -torch.inf
+        return log_probs
     mask = torch.zeros(log_probs.shape[1], dtype=torch.bool, device=log_probs.device)
     mask[banned] = True
     return log_probs.masked_fill(mask, -torch.inf)  # not in place: autograd needs log_softmax's output

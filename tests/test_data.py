@@ -1,6 +1,7 @@
 import csv
 import json
 import random
+import re
 import shutil
 import struct
 import zlib
@@ -24,7 +25,7 @@ from captioning.data.datasets import (
     load_coco_captions,
     load_karpathy_split,
 )
-from captioning.data.images import BadImageError, open_rgb, probe_image
+from captioning.data.images import BadImage, BadImageError, open_rgb, probe_image
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import SPECIAL_TOKENS, Vocabulary
 from tests.conftest import PROJECT_ROOT, TINY_SHAPES
@@ -382,8 +383,16 @@ def test_bad_images_stop_before_training_or_are_skipped_and_counted(tiny_shapes:
 
     lenient._datasets["train"].skip_bad_images = False
     index = [i.path for i in lenient._datasets["train"].images].index(truncated)
+    failed = lenient._datasets["train"][index]  # raised in the main process, not inside a DataLoader worker
+    assert isinstance(failed, BadImage) and collate_captions([lenient._datasets["train"][0], failed]) == failed
     with pytest.raises(BadImageError, match=f"{truncated.name}: cannot decode.*data.on_bad_image=skip"):
-        lenient._datasets["train"][index]
+        lenient.on_before_batch_transfer(failed, 0)
+    # the same from a real worker process: the error keeps its type and one-line message
+    lenient.num_workers = 1
+    with pytest.raises(BadImageError, match=f"^{re.escape(str(truncated))}: cannot decode[^\n]*skip trains without it"
+                                            r"\)$"):
+        for batch in lenient.train_dataloader():
+            lenient.on_before_batch_transfer(batch, 0)
 
 
 def test_decompression_bombs_are_refused_from_the_header(tmp_path: Path) -> None:

@@ -783,10 +783,13 @@ def _truncated_png(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_an_image_that_fails_only_when_decoded_mid_epoch_is_named_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "worker-processes"])
+def test_an_image_that_fails_only_when_decoded_mid_epoch_is_named_in_one_line(tmp_path: Path, workers: int) -> None:
+    """Also from DataLoader worker processes (data=folder's default is 2), whose exceptions torch re-raises
+    as a RuntimeError carrying the worker's traceback: the batch carries the failure to the main process."""
     overrides = _folder_dataset(tmp_path / "data", extra=_truncated_png)
     stopped = _train_py(*overrides, f"hydra.run.dir={tmp_path / 'error'}", f"paths.cache_dir={tmp_path / 'cache'}",
-                        timeout=300)
+                        f"data.num_workers={workers}", timeout=300)
     assert stopped.returncode == 2, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
     message = _one_line(stopped.stderr)

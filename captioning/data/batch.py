@@ -8,6 +8,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from captioning.data.datasets import DatasetItem
+from captioning.data.images import BadImage
 from captioning.data.vocab import Vocabulary
 
 
@@ -41,14 +42,18 @@ class CaptionBatch:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def collate_captions(items: Sequence[DatasetItem | None], features_from: dict[str, Any] | None = None
-                     ) -> CaptionBatch | None:
+def collate_captions(items: Sequence[DatasetItem | BadImage | None], features_from: dict[str, Any] | None = None
+                     ) -> CaptionBatch | BadImage | None:
     """Stack images (or features, computed by the encoder ``features_from``) and pad every caption in the
     batch to the longest one; features with different row counts are zero-padded, with a mask.
 
     ``None`` items (images skipped as unreadable) are dropped; a batch of nothing is ``None``,
-    which the module skips.
+    which the module skips. An image that failed to load (``data.on_bad_image=error``) makes the batch
+    its ``BadImage``, which the data module raises as a ``BadImageError`` in the main process.
     """
+    failed = next((item for item in items if isinstance(item, BadImage)), None)
+    if failed is not None:
+        return failed
     items = [item for item in items if item is not None]
     if not items:
         return None

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from captioning.data.batch import CaptionBatch, collate_captions
 from captioning.data.corpus import CaptionCorpus
 from captioning.data.datasets import CAPTIONS_PER_IMAGE, SPLITS, CaptionDataset
+from captioning.data.images import BadImage
 from captioning.data.sources import ImageSource
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import Vocabulary
@@ -94,6 +95,13 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader[CaptionBatch]:
         return self._loader("test", shuffle=False)
+
+    def on_before_batch_transfer(self, batch: CaptionBatch | BadImage | None, dataloader_idx: int
+                                 ) -> CaptionBatch | None:
+        """Raise a batch's unloadable image here, in the main process, as the ``BadImageError`` naming it."""
+        if isinstance(batch, BadImage):
+            raise batch.error()
+        return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[CaptionBatch]:
         if not self._datasets:

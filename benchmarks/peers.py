@@ -10,8 +10,8 @@ side: a training step (forward, cross-entropy + the doubly stochastic attention 
 no optimizer, which costs both the same) and beam search. The FLOPs of our step come from the
 profiler's count of matrix products, so its GFLOP/s can be set beside a large ``sgemm``'s on the
 same machine (``torch.mm``, and the same product through oneDNN, which our per-step products use: the
-fraction of the faster one is ``best_gemm_fraction``). ``--compile`` and ``--bf16`` time our step and beam search also under ``torch.compile``
-and bfloat16 autocast. Prints a table; writes JSON (``--json FILE``).
+fraction of the faster one is ``best_gemm_fraction``). ``--compile`` and ``--bf16`` time our step and
+beam search also under ``torch.compile`` and bfloat16 autocast. Prints a table; writes JSON (``--json FILE``).
 
     python benchmarks/peers.py --json peers.json
 """

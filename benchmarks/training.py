@@ -133,7 +133,6 @@ def train_steps(args: argparse.Namespace, cache_dir: Path, source: str) -> dict[
     step = 0
     while step <= args.steps:
         for batch in data.train_dataloader():
-            batch = data.on_before_batch_transfer(batch, 0)  # an unloadable image raises here, as under a Trainer
             if step == 1:
                 start = time.perf_counter()  # step 0 warms up (allocations, first map of the files)
             loss = model.training_step(batch, step)

@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from captioning.caption import CaptionResult
 from captioning.checkpoints import VOCAB_FINGERPRINT, check_finite, describe, load_checkpoint
 from captioning.config import CheckpointMismatchError
-from captioning.data.batch import CaptionBatch
+from captioning.data.batch import CaptionBatch, checked_batch
 from captioning.data.tokenize import detokenize
 from captioning.data.vocab import EOS, Vocabulary
 from captioning.decoding import DecodedCaptions, GenerationSettings, generate
@@ -106,6 +106,7 @@ class CaptioningLitModule(pl.LightningModule):
         self.test_metrics: dict[str, float] = {}
 
     def training_step(self, batch: CaptionBatch | None, batch_idx: int) -> torch.Tensor | None:
+        batch = checked_batch(batch)  # also without the data module's hook (a loader passed to the Trainer)
         if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
             return None
         if self.scst is not None and self.current_epoch >= self.scst.start_epoch:
@@ -178,6 +179,7 @@ class CaptioningLitModule(pl.LightningModule):
 
     def _evaluation_step(self, batch: CaptionBatch | None, stage: str, batch_idx: int) -> None:
         """Loss on every reference caption, and one generated caption per image."""
+        batch = checked_batch(batch)
         if batch is None:
             return
         features = self.encode_batch(batch)
@@ -199,6 +201,7 @@ class CaptioningLitModule(pl.LightningModule):
         ``image_size``, as ``build_image_transform`` makes them (named "<batch 3 image 0>"). Pixels of
         another size or range (0..255, say) are refused: the model would caption them, wrongly, without a word.
         """
+        batch = checked_batch(batch)
         if batch is None:  # every image of the batch was skipped as unreadable (data.on_bad_image=skip)
             return []
         image_ids = None

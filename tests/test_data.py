@@ -1,5 +1,6 @@
 import csv
 import json
+import pickle
 import random
 import re
 import shutil
@@ -25,7 +26,7 @@ from captioning.data.datasets import (
     load_coco_captions,
     load_karpathy_split,
 )
-from captioning.data.images import BadImage, BadImageError, open_rgb, probe_image
+from captioning.data.images import BadImageError, open_rgb, probe_image
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import SPECIAL_TOKENS, Vocabulary
 from tests.conftest import PROJECT_ROOT, TINY_SHAPES
@@ -384,7 +385,11 @@ def test_bad_images_stop_before_training_or_are_skipped_and_counted(tiny_shapes:
     lenient._datasets["train"].skip_bad_images = False
     index = [i.path for i in lenient._datasets["train"].images].index(truncated)
     failed = lenient._datasets["train"][index]  # raised in the main process, not inside a DataLoader worker
-    assert isinstance(failed, BadImage) and collate_captions([lenient._datasets["train"][0], failed]) == failed
+    good = next(item for item in map(lenient._datasets["train"].__getitem__, range(4))
+                if item is not None and not isinstance(item, BadImageError))
+    assert isinstance(failed, BadImageError) and collate_captions([good, failed]) is failed
+    sent = pickle.loads(pickle.dumps(failed))  # as a worker process hands it over
+    assert (type(sent), sent.path, sent.reason, str(sent)) == (BadImageError, truncated, "unreadable", str(failed))
     with pytest.raises(BadImageError, match=f"{truncated.name}: cannot decode.*data.on_bad_image=skip"):
         lenient.on_before_batch_transfer(failed, 0)
     # the same from a real worker process: the error keeps its type and one-line message
@@ -422,3 +427,24 @@ def test_training_from_the_image_cache_gives_the_same_batches(shared_data: Path,
         assert torch.equal(ours.image_ids, theirs.image_ids)
         assert torch.equal(ours.images, theirs.images)  # bit-identical pixels
         assert torch.equal(ours.tokens, theirs.tokens)
+
+
+def test_a_failed_image_batch_raises_in_the_modules_steps_and_passes_lightnings_input_conversion() -> None:
+    """Without the data module's hook (a loader handed to the Trainer) the steps raise it themselves; Lightning's
+    precision plugins convert a batch before any hook, and leave the error as it is."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    from captioning.models.decoders import ShowAttendTellDecoder
+    from captioning.models.encoder_decoder import target_of
+    from captioning.models.encoders import PrecomputedEncoder
+    from captioning.module import CaptioningLitModule
+
+    module = CaptioningLitModule(["<pad>", "<bos>", "<eos>", "<unk>", "a"],
+                                 {"_target_": target_of(PrecomputedEncoder), "feature_dim": 8},
+                                 {"_target_": target_of(ShowAttendTellDecoder), "embed_dim": 8, "hidden_size": 8,
+                                  "attention_dim": 4})
+    failed = BadImageError(Path("photos/cut.jpg"), "unreadable", "cannot decode: image file is truncated")
+    assert apply_to_collection(failed, torch.Tensor, lambda tensor: tensor.double()) is failed
+    for step in (module.training_step, module.validation_step, module.test_step, module.predict_step):
+        with pytest.raises(BadImageError, match="^photos/cut.jpg: cannot decode: image file is truncated$"):
+            step(failed, 0)

@@ -24,8 +24,8 @@ def test_onednn_product_equals_torch_linear_in_float32(rows: int, with_bias: boo
     bias = torch.randn(96, generator=generator) if with_bias else None
     x = torch.randn(rows, 160, generator=generator)
     linear = PackedLinear(weight, bias)
-    assert linear._packed is not None  # the oneDNN path, not the fallback
     got, want = linear(x), F.linear(x, weight, bias)
+    assert linear._packed is not None  # the oneDNN path, not the fallback
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert linear(x[:0]).shape == (0, 96)  # no rows (every caption ended): an empty result, no error
@@ -37,36 +37,45 @@ def test_other_dtypes_autocast_and_disabled_onednn_use_torch_linear() -> None:
     weight, bias = torch.randn(8, 5, generator=generator), torch.randn(8, generator=generator)
     x = torch.randn(3, 5, generator=generator)
     double = PackedLinear(weight.double(), bias.double())
-    assert double._packed is None and torch.equal(double(x.double()), F.linear(x.double(), weight.double(),
-                                                                                 bias.double()))
+    assert torch.equal(double(x.double()), F.linear(x.double(), weight.double(), bias.double()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = PackedLinear(weight, bias)
         got, want = autocast(x), F.linear(x, weight, bias)
-    assert autocast._packed is None and got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
     with torch.backends.mkldnn.flags(enabled=False):
         disabled = PackedLinear(weight, bias)
-    assert disabled._packed is None and torch.equal(disabled(x), F.linear(x, weight, bias))
+        assert torch.equal(disabled(x), F.linear(x, weight, bias))
     # a gradient in another dtype than the weight (autocast's backward): the product runs in the gradient's
-    assert PackedLinear(weight)(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    other_dtype = PackedLinear(weight)
+    assert other_dtype(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert all(linear._packed is None for linear in (double, autocast, disabled, other_dtype))  # nothing packed
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
-def test_a_refusing_onednn_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    def refuse(*args: object) -> None:
-        raise RuntimeError("could not create a primitive")
+@pytest.mark.parametrize("failure", [
+    RuntimeError("could not create a primitive"),  # a oneDNN that refuses this CPU or shape
+    TypeError("_linear_pointwise() takes 5 positional arguments but 6 were given"),  # another torch's signature
+    AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'"),  # a torch without it
+], ids=["refused", "other-signature", "missing"])
+@pytest.mark.parametrize("product", ["packed", "large"])
+def test_a_failing_onednn_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture, failure: Exception,
+                                                        product: str) -> None:
+    def fail(*args: object) -> None:
+        raise failure
 
     monkeypatch.setattr(packed_linear, "_broken", [])
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", fail)
     weight, x = torch.randn(6, 4), torch.randn(2, 4)
-    linear = PackedLinear(weight)
+    run = PackedLinear(weight) if product == "packed" else lambda rows: packed_linear.linear(rows, weight)
     with caplog.at_level(logging.WARNING, logger=packed_linear.__name__):
-        assert torch.equal(linear(x), F.linear(x, weight))
-        assert torch.equal(linear(x), F.linear(x, weight))
+        assert torch.equal(run(x), F.linear(x, weight))
+        assert torch.equal(run(x), F.linear(x, weight))
     assert [r.getMessage() for r in caplog.records] == [
-        "oneDNN's linear product is not usable here (RuntimeError: could not create a primitive); "
+        f"oneDNN's linear product is not usable here ({type(failure).__name__}: {failure}); "
         "using torch's default product"]
-    assert PackedLinear(weight)._packed is None  # not tried again in this process
+    fresh = PackedLinear(weight)
+    assert torch.equal(fresh(x), F.linear(x, weight)) and fresh._packed is None  # not tried again in this process
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])

@@ -55,7 +55,7 @@ def reference_forward(decoder: ShowAttendTellDecoder, encoded: EncodedImages, to
     dropout and the output layer, written into zero buffers in the captions' order."""
     prepared = decoder.prepare(encoded)
     steps = lengths - 1
-    order = torch.argsort(steps, descending=True)
+    order = torch.argsort(steps, descending=True, stable=True)  # ties as the decoder orders them (dropout masks)
     prepared, sorted_tokens = prepared.select(order), tokens[order]
     hidden, cell = (part[0] for part in decoder.init_state(prepared))
     logits = torch.zeros(*tokens[:, 1:].shape, VOCAB, dtype=torch.float64)
@@ -198,6 +198,21 @@ def test_sigmoid_scores_backward_equals_autograds(needs: tuple[bool, bool, bool]
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
     for got, want in zip(torch.autograd.grad(fused, wanted, grad_scores), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_sigmoid_scores_backward_under_cpu_autocast_with_mixed_dtypes() -> None:
+    """float32 keys (prepared outside autocast) with a bfloat16 query: autograd's gradients to bf16 rounding."""
+    generator = torch.Generator().manual_seed(6)
+    keys, hidden, weight = (torch.randn(*shape, generator=generator, requires_grad=True)
+                            for shape in [(3, 5, 4), (3, 4), (4,)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        query = torch.nn.functional.linear(hidden, torch.eye(4))  # bfloat16 under autocast
+        fused = _SigmoidScores.apply(keys, query, weight)
+        plain = torch.matmul(torch.sigmoid(keys + query.unsqueeze(1)), weight)
+    got = torch.autograd.grad(fused.float().sum(), [keys, hidden, weight], retain_graph=True)
+    for mine, autograds in zip(got, torch.autograd.grad(plain.float().sum(), [keys, hidden, weight]), strict=True):
+        assert mine.dtype == autograds.dtype == torch.float32
+        torch.testing.assert_close(mine, autograds, rtol=2e-2, atol=2e-2)
 
 
 def test_float32_pass_on_the_fast_cpu_path_equals_the_plain_formulation_in_float64() -> None:

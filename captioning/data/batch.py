@@ -2,14 +2,17 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from captioning.data.datasets import DatasetItem
-from captioning.data.images import BadImage
+from captioning.data.images import BadImageError
 from captioning.data.vocab import Vocabulary
+
+
+Batch = TypeVar("Batch")
 
 
 @dataclass
@@ -19,8 +22,8 @@ class CaptionBatch:
     Exactly one of ``images`` and ``features`` is set: ``features`` when the data module reads a
     feature cache, and the model then skips its encoder. ``caption_image_index[j]`` is the image
     row that caption ``j`` describes, so the encoder runs once per image however many captions
-    it has; captions come longest first, not grouped by image. With ``train_captions_per_image=pairs`` every row has one caption and the same image
-    may fill several rows (``image_ids`` then repeats). ``features_from`` identifies the encoder that
+    it has; captions come longest first, not grouped by image. With ``train_captions_per_image=pairs``
+    every row has one caption and the same image may fill several rows (``image_ids`` then repeats). ``features_from`` identifies the encoder that
     computed ``features`` (``CNNEncoder.cache_identity()``), so the model can refuse another encoder's.
     Precomputed region features have a different number of regions per image: ``features`` is then
     zero-padded to the batch's most and ``feature_mask`` says which regions (rows after the global
@@ -42,16 +45,25 @@ class CaptionBatch:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def collate_captions(items: Sequence[DatasetItem | BadImage | None], features_from: dict[str, Any] | None = None
-                     ) -> CaptionBatch | BadImage | None:
+def checked_batch(batch: Batch | BadImageError) -> Batch:
+    """``batch``, or the ``BadImageError`` it is raised: an image that failed to load in a DataLoader worker
+    process comes to the main process as the batch, since raised there it would arrive as a ``RuntimeError``
+    carrying the worker's traceback. The data module's hook and the module's steps call it."""
+    if isinstance(batch, BadImageError):
+        raise batch
+    return batch
+
+
+def collate_captions(items: Sequence[DatasetItem | BadImageError | None], features_from: dict[str, Any] | None = None
+                     ) -> CaptionBatch | BadImageError | None:
     """Stack images (or features, computed by the encoder ``features_from``) and pad every caption in the
     batch to the longest one; features with different row counts are zero-padded, with a mask.
 
     ``None`` items (images skipped as unreadable) are dropped; a batch of nothing is ``None``,
     which the module skips. An image that failed to load (``data.on_bad_image=error``) makes the batch
-    its ``BadImage``, which the data module raises as a ``BadImageError`` in the main process.
+    its ``BadImageError``, which ``checked_batch`` raises in the main process.
     """
-    failed = next((item for item in items if isinstance(item, BadImage)), None)
+    failed = next((item for item in items if isinstance(item, BadImageError)), None)
     if failed is not None:
         return failed
     items = [item for item in items if item is not None]

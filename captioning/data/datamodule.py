@@ -7,10 +7,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from captioning.data.batch import CaptionBatch, collate_captions
+from captioning.data.batch import CaptionBatch, checked_batch, collate_captions
 from captioning.data.corpus import CaptionCorpus
 from captioning.data.datasets import CAPTIONS_PER_IMAGE, SPLITS, CaptionDataset
-from captioning.data.images import BadImage
+from captioning.data.images import BadImageError
 from captioning.data.sources import ImageSource
 from captioning.data.tokenize import tokenize
 from captioning.data.vocab import Vocabulary
@@ -96,12 +96,10 @@ class CaptionDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader[CaptionBatch]:
         return self._loader("test", shuffle=False)
 
-    def on_before_batch_transfer(self, batch: CaptionBatch | BadImage | None, dataloader_idx: int
+    def on_before_batch_transfer(self, batch: CaptionBatch | BadImageError | None, dataloader_idx: int
                                  ) -> CaptionBatch | None:
-        """Raise a batch's unloadable image here, in the main process, as the ``BadImageError`` naming it."""
-        if isinstance(batch, BadImage):
-            raise batch.error()
-        return batch
+        """A batch that is an image's ``BadImageError`` raises it here, in the main process."""
+        return checked_batch(batch)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[CaptionBatch]:
         if not self._datasets:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from captioning.data.images import BadImage, BadImageError
+from captioning.data.images import BadImageError
 from captioning.errors import InputError, check_choice
 
 log = logging.getLogger(__name__)
@@ -328,10 +328,10 @@ class CaptionDataset(Dataset[DatasetItem | None]):
     decoded once per caption and may appear twice in a batch).
     ``load_image`` gives an image's pixels (decoded from its file, or from a resized-image cache)
     or its cached encoder features.
-    An image that fails to load yields its ``BadImage`` (the data module raises its ``BadImageError`` in the
-    main process: a DataLoader worker's exception would reach it as a ``RuntimeError`` carrying the
-    worker's traceback), or, with ``skip_bad_images``, is logged once and yields ``None``
-    (``collate_captions`` drops it).
+    An image that fails to load yields its ``BadImageError``, not raised: it becomes the batch, raised in
+    the main process (``checked_batch``), since a DataLoader worker's exception would reach it as a
+    ``RuntimeError`` carrying the worker's traceback. With ``skip_bad_images`` it is logged once and
+    yields ``None`` (``collate_captions`` drops it).
     """
 
     def __init__(
@@ -356,15 +356,15 @@ class CaptionDataset(Dataset[DatasetItem | None]):
     def __len__(self) -> int:
         return len(self.pairs) if self.pairs is not None else len(self.images)
 
-    def __getitem__(self, index: int) -> DatasetItem | BadImage | None:
+    def __getitem__(self, index: int) -> DatasetItem | BadImageError | None:
         index, caption = self.pairs[index] if self.pairs is not None else (index, None)
         image = self.images[index]
         try:
             pixels = self.load_image(image)
         except BadImageError as error:
             if not self.skip_bad_images:
-                return BadImage(image.image_id, str(error.path), error.reason,
-                                f"{error.detail} (data.on_bad_image=skip trains without it)")
+                return BadImageError(error.path, error.reason,
+                                     f"{error.detail} (data.on_bad_image=skip trains without it)")
             if index not in self._reported:
                 self._reported.add(index)
                 log.warning("skipped image %s: %s (%d skipped in this split so far)", error.path, error.detail,

@@ -41,6 +41,10 @@ class BadImageError(InputError):
         super().__init__(f"{path}: {detail}")
         self.path, self.reason, self.detail = path, reason, detail
 
+    def __reduce__(self) -> tuple[type["BadImageError"], tuple[Path, str, str]]:
+        """Pickled whole: a DataLoader worker hands it to the main process as data (``checked_batch``)."""
+        return BadImageError, (self.path, self.reason, self.detail)
+
 
 @dataclass(frozen=True)
 class BadImage:

@@ -5,6 +5,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from captioning.models.packed_linear import linear, recording_graph
@@ -98,8 +99,10 @@ class _SigmoidScores(torch.autograd.Function):
         return torch.matmul(squashed, weight)  # (rows, num_pixels)
 
     @staticmethod
+    @once_differentiable  # the saved tensor becomes the gradient: no second backward through it
     def backward(ctx: Any, grad_scores: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         squashed, weight = ctx.saved_tensors
+        grad_scores = grad_scores.to(squashed.dtype)  # under autocast the two may differ
         grad_weight = None
         if ctx.needs_input_grad[2]:  # before the squashed values are overwritten below; a batch of row products
             grad_weight = torch.bmm(grad_scores.unsqueeze(1), squashed).sum(dim=(0, 1))  # (attention_dim,)

@@ -25,21 +25,27 @@ _broken: list[str] = []  # why the oneDNN path failed once in this process: it i
 
 
 class PackedLinear:
-    """``x W^T + b`` for the calls of one pass; build a new one when the weight changes (each pass)."""
+    """``x W^T + b`` for the calls of one pass; build a new one when the weight changes (each pass).
+
+    The weight is packed at the first call that takes the oneDNN path, so a pass that never does (no
+    oneDNN, another dtype, autocast) packs nothing.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 32) -> None:
         """``rows``: the typical number of rows per call, a hint for oneDNN's layout."""
-        self.weight, self.bias = weight, bias
-        self._packed = _pack(weight.detach(), rows) if _onednn_applies(weight) else None
+        self.weight, self.bias, self.rows = weight, bias, rows
+        self._packed: torch.Tensor | None = None
         self._bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) -> (rows, out_features), in ``x``'s dtype; for custom autograd functions (which
-        compute their own gradients): autograd does not see through the oneDNN path."""
-        if self._packed is not None and _onednn_applies(x):
+        compute their own gradients) and code without autograd: autograd does not see through the oneDNN path."""
+        if onednn_applies(x) and onednn_applies(self.weight):
             try:
+                if self._packed is None:
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().contiguous(), self.rows)
                 return _onednn_linear(x, self._packed, self._bias)
-            except RuntimeError as error:  # a build or CPU whose oneDNN refuses: the plain product from now on
+            except _ONEDNN_FAILURES as error:  # a build or CPU whose oneDNN refuses: the plain product from now on
                 _give_up(error)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -47,7 +53,7 @@ class PackedLinear:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` (any leading dimensions) with its forward product through oneDNN where it applies; the
     gradients are ``F.linear``'s (MKL's products: oneDNN would need the weight transposed first)."""
-    if not (_onednn_applies(x) and _onednn_applies(weight)):
+    if not (onednn_applies(x) and onednn_applies(weight)):
         return F.linear(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
 
@@ -60,7 +66,7 @@ class _OneDNNLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])  # (rows, in_features)
         try:
             product = _onednn_linear(rows, weight.contiguous(), bias)
-        except RuntimeError as error:
+        except _ONEDNN_FAILURES as error:
             _give_up(error)
             return F.linear(x, weight, bias)
         return product.view(*x.shape[:-1], weight.shape[0])  # (..., out_features)
@@ -80,18 +86,15 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
-def _onednn_applies(tensor: torch.Tensor) -> bool:
+# a torch without the ops (AttributeError), with other signatures (TypeError), a oneDNN that refuses (RuntimeError)
+_ONEDNN_FAILURES = (AttributeError, TypeError, RuntimeError)
+
+
+def onednn_applies(tensor: torch.Tensor) -> bool:
+    """Whether products with ``tensor`` take the oneDNN path here and now."""
     return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and not _broken
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not _cpu_autocast() and not recording_graph())
-
-
-def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
-    except (AttributeError, RuntimeError) as error:  # AttributeError: a torch without the op
-        _give_up(error)
-        return None
 
 
 def _give_up(error: Exception) -> None:

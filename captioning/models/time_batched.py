@@ -38,8 +38,8 @@ class TimeBatchedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) -> (rows, out_features)."""
-        if self._token is None:
-            return F.linear(x, self.weight, self.bias)
+        if self._token is None:  # no weight gradient: autograd needs to see the product only for x's
+            return F.linear(x, self.weight, self.bias) if x.requires_grad else self.forward_product(x)
         return _StepLinear.apply(x, self._token, self)
 
     def input_grad(self, grad_output: torch.Tensor) -> torch.Tensor:

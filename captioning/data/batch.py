@@ -23,8 +23,9 @@ class CaptionBatch:
     feature cache, and the model then skips its encoder. ``caption_image_index[j]`` is the image
     row that caption ``j`` describes, so the encoder runs once per image however many captions
     it has; captions come longest first, not grouped by image. With ``train_captions_per_image=pairs``
-    every row has one caption and the same image may fill several rows (``image_ids`` then repeats). ``features_from`` identifies the encoder that
-    computed ``features`` (``CNNEncoder.cache_identity()``), so the model can refuse another encoder's.
+    every row has one caption and the same image may fill several rows (``image_ids`` then repeats).
+    ``features_from`` identifies the encoder that computed ``features`` (``CNNEncoder.cache_identity()``),
+    so the model can refuse another encoder's.
     Precomputed region features have a different number of regions per image: ``features`` is then
     zero-padded to the batch's most and ``feature_mask`` says which regions (rows after the global
     row) are real.

@@ -47,9 +47,10 @@ class CaptionBatch:
 
 
 def checked_batch(batch: Batch | BadImageError) -> Batch:
-    """``batch``, or the ``BadImageError`` it is raised: an image that failed to load in a DataLoader worker
-    process comes to the main process as the batch, since raised there it would arrive as a ``RuntimeError``
-    carrying the worker's traceback. The data module's hook and the module's steps call it."""
+    """``batch``; a batch that is an image's ``BadImageError`` is raised instead. An image that failed to load
+    in a DataLoader worker process comes to the main process as the batch, since raised in the worker it
+    would arrive as a ``RuntimeError`` carrying the worker's traceback. The data module's hook calls it, and
+    the module's steps for loaders handed to the Trainer without the data module."""
     if isinstance(batch, BadImageError):
         raise batch
     return batch
